@@ -1,0 +1,195 @@
+"""Typed configuration for the training job.
+
+One :class:`TrainConfig` flows through every stage. It is validated before any compute is spent,
+loaded from YAML with ``key=value`` overrides winning, and saved as ``RUN/config.yaml`` so a run
+can be repeated or resumed from its directory alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from visiontune.errors import UserError
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides what a training run does."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    data: str = Field(description="dataset folder, s3:// prefix, http(s) archive or dataset name")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...)")
+    split_ratios: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/valid/test ratios for a root with no split folders"
+    )
+    split_seed: int = 0
+    s3_cache: Literal["cache", "stream"] = Field(
+        "cache", description="cache S3 images on local disk on first read, or stream every read"
+    )
+    limit_per_class: int | None = Field(None, ge=1, description="use at most N images per class")
+
+    # model
+    model: str = "efficientnet_lite0"
+    weights: str = Field("imagenet", description="imagenet | none | PATH to a state dict")
+    trainable: str = Field("head", description="head | all | last:N")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    backbone_lr_scale: float = Field(
+        1.0, gt=0.0, description="learning rate multiplier for trainable backbone layers"
+    )
+    image_size: int | None = Field(None, description="input size; default from the backbone")
+
+    # optimisation
+    lr: float = Field(1e-3, description="peak learning rate")
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(5, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    step_size: int = Field(10, ge=1, description="epochs between decays for schedule=step")
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    augment: Literal["none", "light", "strong"] = "light"
+    grad_clip: float | None = Field(None, gt=0.0)
+
+    # stopping and selection
+    monitor: str = Field("valid_loss", description="metric that picks the best epoch")
+    monitor_mode: Literal["auto", "min", "max"] = "auto"
+    early_stopping: int | None = Field(
+        None, ge=1, description="stop after N epochs without improvement of the monitored metric"
+    )
+
+    # execution
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    workers: int | None = Field(None, ge=0, description="DataLoader workers; default from CPUs")
+    feature_cache: bool = Field(
+        True,
+        description="with a frozen backbone and no augmentation, compute backbone features once",
+    )
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    output: str = Field("runs/latest", description="run directory, local or s3://bucket/prefix")
+    progress: bool = True
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"lr must be > 0, got {v}")
+        return v
+
+    @field_validator("trainable")
+    @classmethod
+    def _trainable_form(cls, v: str) -> str:
+        if v in ("head", "all"):
+            return v
+        if v.startswith("last:") and v[5:].isdigit() and int(v[5:]) >= 1:
+            return v
+        raise ValueError(f"trainable must be head, all or last:N (N >= 1), got {v!r}")
+
+    @field_validator("split_ratios")
+    @classmethod
+    def _ratios(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in v) or v[0] <= 0 or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"split_ratios must be >= 0, train > 0, and sum to 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _monitor_mode(self) -> TrainConfig:
+        if self.monitor_mode == "auto":
+            mode = "min" if "loss" in self.monitor else "max"
+            object.__setattr__(self, "monitor_mode", mode)
+        return self
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.trainable == "head"
+
+
+def _coerce(value: str) -> Any:
+    """Parse a ``key=value`` override the way YAML would (numbers, bools, null, lists)."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _one_line(err: ValidationError, cls: type[BaseModel]) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(where, list(cls.model_fields), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return f"unknown config key {where!r}{hint}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"invalid config value for {where!r}: {msg}"
+
+
+def build_config(
+    cls: type[BaseModel] = TrainConfig,
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
+    """Build a validated config from an optional YAML file and overrides (overrides win).
+
+    Args:
+        cls: the pydantic model to build.
+        config_file: a YAML mapping of config keys.
+        overrides: keys given on the command line; ``None`` values are ignored.
+
+    Raises:
+        UserError: the file is missing or not a mapping, a key is unknown, or a value is invalid.
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from e
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping of keys to values")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key.replace("-", "_")] = value
+    try:
+        return cls.model_validate(values)
+    except ValidationError as e:
+        raise UserError(_one_line(e, cls)) from e
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["lr=0.01", "epochs=3"]`` into a dict, YAML-typed."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override {pair!r} must look like key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = _coerce(value)
+    return out
+
+
+def save_config(config: BaseModel, path: str | os.PathLike) -> None:
+    """Write the config as YAML atomically."""
+    from visiontune.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def load_saved_config(path: str | os.PathLike, cls: type[BaseModel] = TrainConfig) -> Any:
+    """Read back a config written by :func:`save_config`."""
+    return build_config(cls, config_file=path)

@@ -1,0 +1,1 @@
+"""Dataset layer: URIs, layout discovery, validation, named datasets, transforms."""

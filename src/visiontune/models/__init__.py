@@ -1,0 +1,1 @@
+"""Backbones by name, classifier heads, freezing, and the self-describing model directory."""
