@@ -82,3 +82,29 @@ def hymenoptera() -> Path:
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"real data not present: {HYMENOPTERA} (only in the project's CI checkout)")
     return HYMENOPTERA
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run ``visiontune ARGS...`` in-process; returns ``(exit_code, stdout, stderr)``."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        from visiontune.cli import main
+
+        monkeypatch.setattr("sys.argv", ["visiontune", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Keep caches (features, S3 objects, downloads) out of the user's home."""
+    home = tmp_path_factory.getbasetemp() / "visiontune-home"
+    monkeypatch.setenv("VISIONTUNE_HOME", str(home))

@@ -120,9 +120,16 @@ class TrainConfig(BaseModel):
 def _coerce(value: str) -> Any:
     """Parse a ``key=value`` override the way YAML would (numbers, bools, null, lists)."""
     try:
-        return yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         return value
+    if isinstance(parsed, str):
+        # YAML 1.1 reads "1e-3" as a string; users mean a number.
+        try:
+            return float(parsed)
+        except ValueError:
+            return parsed
+    return parsed
 
 
 def _one_line(err: ValidationError, cls: type[BaseModel]) -> str:

@@ -1,0 +1,3 @@
+from visiontune.cli import main
+
+main()

@@ -1,0 +1,184 @@
+"""``visiontune train``, ``evaluate``, ``predict`` and ``models``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from visiontune.cli import app
+
+_TRAIN_HELP = """Fine-tune a pretrained backbone on an image dataset.
+
+Options come from --config (YAML) and flags, flags winning; --set KEY=VALUE sets any other
+config key. The run directory gets config.yaml, metrics.jsonl, checkpoints/ and model/.
+"""
+
+
+@app.command(help=_TRAIN_HELP)
+def train(
+    data: str = typer.Option(None, "--data", "-d", help="Dataset folder, s3:// prefix or name."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML file of config keys."),
+    resume: str = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    output: str = typer.Option(None, "--output", "-o", help="Run directory (or s3://...)."),
+    model: str = typer.Option(None, help="Backbone name (see `visiontune models`)."),
+    weights: str = typer.Option(None, help="imagenet | none | PATH."),
+    trainable: str = typer.Option(None, help="head | all | last:N."),
+    dropout: float = typer.Option(None, help="Dropout before the new head."),
+    backbone_lr_scale: float = typer.Option(None, help="LR multiplier for backbone layers."),
+    lr: float = typer.Option(None, help="Peak learning rate."),
+    batch_size: int = typer.Option(None, help="Images per step."),
+    epochs: int = typer.Option(None, help="Passes over the training split."),
+    optimizer: str = typer.Option(None, help="sgd | adamw."),
+    weight_decay: float = typer.Option(None),
+    label_smoothing: float = typer.Option(None),
+    schedule: str = typer.Option(None, help="cosine | step | onecycle | constant."),
+    warmup_epochs: float = typer.Option(None),
+    augment: str = typer.Option(None, help="none | light | strong."),
+    image_size: int = typer.Option(None, help="Input size (default: the backbone's)."),
+    seed: int = typer.Option(None),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+    precision: str = typer.Option(None, help="auto | fp32 | bf16 | fp16."),
+    workers: int = typer.Option(None, help="DataLoader workers (default: CPU count)."),
+    early_stopping: int = typer.Option(None, help="Patience in epochs."),
+    monitor: str = typer.Option(None, help="Metric that picks the best epoch."),
+    limit_per_class: int = typer.Option(None, help="Use at most N images per class."),
+    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
+    checkpoint_every_steps: int = typer.Option(None, help="Also checkpoint every N steps."),
+    set_: list[str] = typer.Option(None, "--set", help="Any config key: KEY=VALUE."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    from visiontune.config import TrainConfig, build_config, parse_overrides
+    from visiontune.errors import UserError
+    from visiontune.train import TrainingInterrupted
+    from visiontune.train import train as run_train
+
+    flags: dict[str, Any] = {
+        k: v
+        for k, v in locals().items()
+        if k in TrainConfig.model_fields and v is not None and k != "config"
+    }
+    flags.update(parse_overrides(set_ or []))
+    if resume:
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"nothing to resume: {saved} does not exist")
+        cfg = build_config(TrainConfig, saved, {**flags, "output": resume})
+    else:
+        if data is None and config is None:
+            raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
+        cfg = build_config(TrainConfig, config, flags)
+    try:
+        result = run_train(cfg, resume=bool(resume))
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        raise typer.Exit(128 + e.signum) from None
+    summary = {
+        "run_dir": str(result.run_dir),
+        "model_dir": str(result.model_dir),
+        "best_epoch": result.best_epoch,
+        "best": result.best_metrics,
+        "test": {k: result.test_metrics.get(k) for k in ("split", "accuracy", "top5", "loss")}
+        if result.test_metrics
+        else None,
+        "stop_reason": result.stop_reason,
+        "bad_images": result.bad_images,
+    }
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        t = summary["test"] or {}
+        typer.echo(
+            f"model written to {result.model_dir} (best epoch {result.best_epoch}; "
+            f"{t.get('split', 'test')} accuracy {t.get('accuracy', float('nan')):.4f}, "
+            f"top-5 {t.get('top5', float('nan')):.4f})"
+        )
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="Model directory (RUN/model)."),
+    data: str = typer.Option(..., "--data", "-d", help="Dataset folder, s3:// prefix or name."),
+    split: str = typer.Option("test", help="Split to evaluate."),
+    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto"),
+    json_out: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
+) -> None:
+    """Top-1/top-5 accuracy, per-class precision/recall/F1 and the confusion matrix."""
+    from visiontune.evaluate import evaluate as run_evaluate
+
+    m = run_evaluate(
+        model, data, split, endpoint_url=endpoint_url, batch_size=batch_size, device=device
+    )
+    if json_out:
+        typer.echo(json.dumps(m, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"{split}: {m['count']} images  accuracy {m['accuracy']:.4f}  top-5 {m['top5']:.4f}  "
+        f"loss {m['loss']:.4f}  macro F1 {m['macro_f1']:.4f}"
+        + (f"  ({m['bad_images']} unreadable skipped)" if m["bad_images"] else ""),
+        highlight=False,
+    )
+    table = Table("class", "precision", "recall", "f1", "support")
+    for name, c in m["per_class"].items():
+        table.add_row(
+            name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"])
+        )
+    console.print(table)
+
+
+@app.command()
+def predict(
+    images: list[str] = typer.Argument(..., help="Image files."),
+    model: str = typer.Option(None, "--model", "-m", help="Model directory (RUN/model)."),
+    endpoint: str = typer.Option(None, "--endpoint", help="URL of a running endpoint."),
+    top_k: int = typer.Option(5, "--top-k", min=1),
+    device: str = typer.Option("auto"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Label images with a model directory or a running endpoint."""
+    from visiontune.errors import UserError
+
+    if (model is None) == (endpoint is None):
+        raise UserError("give exactly one of --model DIR or --endpoint URL")
+    if endpoint:
+        from visiontune.serving.client import predict_endpoint
+
+        results = predict_endpoint(images, endpoint, top_k=top_k)
+    else:
+        from visiontune.evaluate import predict as run_predict
+
+        results = run_predict(images, model, top_k=top_k, device=device)
+    if json_out:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                typer.echo(f"{r['image']}: error: {r['error']}")
+                continue
+            best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
+            typer.echo(f"{r['image']}: {best}")
+    if any("error" in r for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def models() -> None:
+    """List the backbones, their input size and where their weights come from."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from visiontune.models.registry import REGISTRY
+
+    table = Table("name", "input", "weights", "description")
+    for spec in REGISTRY.values():
+        table.add_row(spec.name, str(spec.preprocess.input_size), spec.weights, spec.description)
+    Console().print(table)

@@ -1,0 +1,97 @@
+"""Backbone features computed once and kept on disk.
+
+With a frozen backbone and no augmentation, every epoch (and every tuning trial) would push the
+same images through the same network. Instead the pooled features are computed once per
+(backbone, weights, preprocessing, dataset content) and stored in a cache directory keyed by
+those; training the head on them takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from visiontune.device import autocast
+from visiontune.io import atomic_write
+
+FEATURE_FORMAT = 1
+
+
+def cache_root() -> Path:
+    """``$VISIONTUNE_HOME/cache`` (default ``~/.cache/visiontune/cache``)."""
+    home = os.environ.get("VISIONTUNE_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "visiontune"
+    )
+    return Path(home) / "cache"
+
+
+def weights_key(weights: str) -> str:
+    """A content key for ``--weights``: the name, or a hash of the file it points at."""
+    if weights in ("imagenet", "none"):
+        return weights
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def feature_key(**parts: Any) -> str:
+    """A stable hash of everything that decides the features."""
+    blob = json.dumps({"format": FEATURE_FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_or_compute(
+    key: str,
+    backbone: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool = True,
+    progress: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Features and labels for every good image of ``loader``, from cache or computed now.
+
+    The loader yields ``(images, labels, n_bad)`` (see ``collate_skip_bad``). Features are
+    stored as fp32 whatever precision computed them.
+
+    Returns:
+        ``(features, labels, n_bad)``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = cache_root() / "features" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            d = load_file(str(path))
+            return d["features"], d["labels"], int(d["n_bad"].item())
+        except Exception:
+            path.unlink(missing_ok=True)  # a damaged cache entry is recomputed, never trusted
+    feats, labels, n_bad = [], [], 0
+    backbone.eval()
+    with torch.inference_mode():
+        for images, targets, bad in loader:
+            n_bad += bad
+            if images.numel() == 0:
+                continue
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                f = backbone(images)
+            feats.append(f.float().cpu())
+            labels.append(targets)
+            if progress is not None:
+                progress(len(targets) + bad)
+    features = torch.cat(feats) if feats else torch.empty(0)
+    label_t = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    tensors = {"features": features, "labels": label_t, "n_bad": torch.tensor(n_bad)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    return features, label_t, n_bad
