@@ -116,6 +116,7 @@ def evaluate(
     dev = resolve_device(device)
     loaded = load_model_dir(model_dir, dev)
     index = discover(data, endpoint_url=endpoint_url, record_dir=None)
+    split = {"val": "valid", "validation": "valid"}.get(split, split)  # folder-name aliases
     if split not in index.splits:
         raise UserError(
             f"dataset {data} has no {split!r} split (it has: {', '.join(sorted(index.splits))})"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_dataset
+from helpers import write_dataset
 
 from visiontune.callbacks import Callback
 from visiontune.config import TrainConfig, build_config
