@@ -63,7 +63,9 @@ def train(
     }
     flags.update(parse_overrides(set_ or []))
     if resume:
-        saved = Path(resume) / "config.yaml"
+        from visiontune.train import pull_remote_run
+
+        saved = pull_remote_run(resume, endpoint_url) / "config.yaml"
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} does not exist")
         cfg = build_config(TrainConfig, saved, {**flags, "output": resume})
