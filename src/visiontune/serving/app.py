@@ -1,0 +1,633 @@
+"""The HTTP endpoint: SageMaker's container contract on FastAPI + uvicorn.
+
+``GET /ping`` (200 once the model is loaded and warmed up, 503 before), ``POST /invocations``,
+``GET /execution-parameters`` (batch transform), ``GET /metrics`` (Prometheus) and the
+OpenAPI description at ``/openapi.json`` (``/docs`` renders it).
+
+A request flows decode -> batch -> predict -> unbatch -> encode: the body is decoded and
+preprocessed in a thread pool, the :class:`~visiontune.serving.batching.DynamicBatcher` groups
+it with concurrent requests and predicts them together in its worker thread, and each request
+encodes its own rows. The event loop only moves bytes, so it never blocks on a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from visiontune.errors import UserError
+from visiontune.serving.batching import BatcherStopped, DynamicBatcher
+from visiontune.serving.handler import (
+    DECODERS,
+    ENCODERS,
+    BadRequest,
+    Handler,
+    ModelError,
+    NotReady,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServingError,
+    UnsupportedContentType,
+    current_top_k,
+    load_user_module,
+    media_type,
+    negotiate,
+)
+
+log = logging.getLogger("visiontune.serving")
+CONFIG_ENV = "VISIONTUNE_SERVE_CONFIG"
+CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``visiontune serve`` needs; validated by :meth:`check` before any loading.
+
+    Attributes:
+        model_dir: a local model directory (``s3://`` is resolved to a local copy first).
+        host, port: where to listen.
+        runtime: ``torch`` or ``onnx``.
+        handler: a SageMaker-style ``inference.py`` overriding some steps, or ``None``.
+        max_batch_size: the most images predicted together.
+        max_batch_delay_ms: the longest a request waits for others to share its batch.
+        workers: server processes (each loads the model and batches on its own).
+        top_k: classes per image when the request does not say (``top_k=N`` in the
+            ``X-Amzn-SageMaker-Custom-Attributes`` header or the query string).
+        max_body_mb: the body size limit (SageMaker's real-time limit is 6 MB).
+        max_image_pixels: images with more pixels are refused (decompression bombs).
+        request_timeout_s: a request still unanswered after this gets 504.
+        device, precision, threads: passed to the runtime (threads: per worker process).
+        decode_threads: threads decoding images (default: one per core).
+        access_log: ``-`` for stderr, a file path, or ``None`` to turn it off.
+        graceful_timeout_s: on SIGTERM, how long in-flight requests get to finish.
+    """
+
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    runtime: str = "torch"
+    handler: str | None = None
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 10.0
+    workers: int = 1
+    top_k: int = 5
+    max_body_mb: float = 6.0
+    max_image_pixels: int | None = None
+    request_timeout_s: float = 60.0
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    decode_threads: int | None = None
+    access_log: str | None = "-"
+    graceful_timeout_s: float = 30.0
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def check(self) -> ServeConfig:
+        """Fail in the first second on a bad value, a missing handler or a non-model dir."""
+        from visiontune.models.artifact import read_meta
+        from visiontune.serving.runtimes import RUNTIMES
+
+        for name, value, low in (
+            ("--max-batch-size", self.max_batch_size, 1),
+            ("--workers", self.workers, 1),
+            ("--top-k", self.top_k, 1),
+            ("--port", self.port, 0),
+        ):
+            if value < low:
+                raise UserError(f"{name} must be at least {low}, got {value}")
+        if self.max_batch_delay_ms < 0 or self.max_body_mb <= 0 or self.request_timeout_s <= 0:
+            raise UserError("--max-batch-delay-ms must be >= 0; body limit and timeout > 0")
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"unknown runtime {self.runtime!r}; use one of {', '.join(RUNTIMES)}")
+        if not Path(self.model_dir).is_dir():
+            raise UserError(f"model directory not found: {self.model_dir}")
+        custom_model = False
+        if self.handler is not None:
+            custom_model = callable(getattr(load_user_module(self.handler), "model_fn", None))
+        if not custom_model:
+            read_meta(self.model_dir)  # a handler without model_fn needs a visiontune model
+        return self
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (two apps never share counters)."""
+
+    def __init__(self, queue_depth) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "visiontune_requests",
+            "HTTP requests by path and status",
+            ["path", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "visiontune_request_latency_seconds",
+            "Request latency by path",
+            ["path"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "visiontune_batch_size",
+            "Images per predicted batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        queue = Gauge(
+            "visiontune_queue_depth", "Requests waiting for a batch", registry=self.registry
+        )
+        queue.set_function(queue_depth)
+        self.ready = Gauge(
+            "visiontune_model_ready", "1 once /ping answers 200", registry=self.registry
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _access_logger(target: str | None) -> logging.Logger | None:
+    if target is None:
+        return None
+    logger = logging.getLogger(f"visiontune.access.{id(target)}.{uuid.uuid4().hex[:6]}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    if target == "-":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+def _utc_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+class AccessLogMiddleware:
+    """Pure ASGI middleware: request id, JSON access log line, request metrics.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``) keeps per-request overhead to a few microseconds.
+    """
+
+    def __init__(self, app, state: ServingState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = None
+        for key, value in scope.get("headers", ()):
+            if key in (b"x-request-id", b"x-amzn-requestid") and 0 < len(value) <= 128:
+                request_id = value.decode("latin-1")
+        request_id = request_id or uuid.uuid4().hex
+        info = scope.setdefault("state", {})
+        info["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            path = scope.get("path", "")
+            label = path if path in self.state.known_paths else "other"
+            self.state.metrics.requests.labels(label, str(status)).inc()
+            self.state.metrics.latency.labels(label).observe(elapsed)
+            if self.state.access_log is not None:
+                self.state.access_log.info(
+                    json.dumps(
+                        {
+                            "time": _utc_now(),
+                            "request_id": request_id,
+                            "method": scope.get("method"),
+                            "path": path,
+                            "status": status,
+                            "latency_ms": round(elapsed * 1000, 2),
+                            "batch_size": info.get("batch_size"),
+                        }
+                    )
+                )
+
+
+# ------------------------------------------------------------------------------- the state
+
+
+class ServingState:
+    """The loaded model, its batcher and thread pools, and whether /ping may say 200."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        from visiontune.serving.runtimes import available_cores
+
+        self.config = config
+        module = load_user_module(config.handler) if config.handler else None
+        cores = available_cores()
+        self.handler = Handler(
+            config.model_dir,
+            module,
+            runtime=config.runtime,
+            device=config.device,
+            precision=config.precision,
+            threads=config.threads or max(1, cores // config.workers),
+            max_pixels=config.max_image_pixels,
+            top_k=config.top_k,
+        )
+        self.decode_pool = ThreadPoolExecutor(
+            config.decode_threads or cores, thread_name_prefix="visiontune-decode"
+        )
+        # Custom handlers run one request at a time per worker, as a SageMaker worker does.
+        self.handler_pool = ThreadPoolExecutor(1, thread_name_prefix="visiontune-handler")
+        self.batcher: DynamicBatcher[torch.Tensor, torch.Tensor] = DynamicBatcher(
+            self._predict_batch,
+            config.max_batch_size,
+            config.max_batch_delay_ms,
+            size_of=lambda x: int(x.shape[0]),
+            on_batch=lambda n: self.metrics.batch_size.observe(n),
+        )
+        self.metrics = Metrics(lambda: self.batcher.queue_depth)
+        self.access_log = _access_logger(config.access_log)
+        self.ready = False
+        self.load_error: str | None = None
+        self.known_paths: set[str] = set()
+        self._load_task: asyncio.Future | None = None
+
+    def _predict_batch(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
+        batch = items[0] if len(items) == 1 else torch.cat(items)
+        probs = self.handler.predict_fn(batch, self.handler.model)
+        if probs.shape[0] != batch.shape[0]:
+            raise ModelError(
+                f"the model returned {probs.shape[0]} rows for {batch.shape[0]} images"
+            )
+        return list(torch.split(probs, [int(x.shape[0]) for x in items]))
+
+    def load_and_warm_up(self) -> None:
+        """Load the model, run one prediction through the real steps, then report ready."""
+        self.handler.load()
+        size = self.handler.decode.preprocess.input_size
+        if self.handler.batched:
+            self._predict_batch([torch.zeros(1, 3, size, size)])
+        else:
+            from PIL import Image
+
+            jpeg = io.BytesIO()
+            Image.new("RGB", (size, size), (128, 128, 128)).save(jpeg, "JPEG")
+            try:
+                self.handler.handle(jpeg.getvalue(), "image/jpeg", "application/json")
+            except Exception as e:  # its input_fn may not take JPEG: the model still loaded
+                log.warning("warm-up request through the custom handler failed: %s", e)
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info("model loaded and warmed up; /ping answers 200")
+
+    async def start(self) -> None:
+        self.batcher.start()
+        loop = asyncio.get_running_loop()
+
+        async def load() -> None:
+            try:
+                await loop.run_in_executor(self.handler_pool, self.load_and_warm_up)
+            except Exception as e:
+                self.load_error = f"{type(e).__name__}: {e}"
+                log.exception("loading the model failed; /ping will answer 503")
+
+        self._load_task = loop.create_task(load())
+
+    async def stop(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        await self.batcher.stop()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.handler_pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------- requests
+
+
+def _error(status: int, message: str, request: Request) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    return JSONResponse({"error": message, "request_id": request_id}, status_code=status)
+
+
+async def _read_body(request: Request, limit_mb: float) -> bytes:
+    limit = int(limit_mb * 1024 * 1024)
+    too_large = (
+        f"the request body is over the {limit_mb:g} MB limit "
+        f"({limit} bytes); send a smaller image or raise --max-body-mb"
+    )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(too_large)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _top_k(request: Request, default: int) -> int:
+    raw = request.query_params.get("top_k")
+    for part in request.headers.get(CUSTOM_ATTRIBUTES, "").split(","):
+        key, _, value = part.partition("=")
+        if key.strip() == "top_k":
+            raw = value.strip()
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise BadRequest(f"top_k must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+async def _invoke(state: ServingState, request: Request) -> Response:
+    if not state.ready:
+        detail = f" (loading failed: {state.load_error})" if state.load_error else ""
+        raise NotReady(f"the model is not loaded yet{detail}; retry when GET /ping answers 200")
+    handler = state.handler
+    content_type = media_type(request.headers.get("content-type"))
+    accept = request.headers.get("accept") or "application/json"
+    top_k = _top_k(request, state.config.top_k)
+    current_top_k.set(top_k)
+    if handler.batched and content_type not in DECODERS:
+        raise UnsupportedContentType(
+            f"content type {content_type!r} is not supported; use one of {', '.join(DECODERS)}"
+        )
+    if not handler.custom_output:
+        negotiate(accept)  # 406 before any work is spent
+    body = await _read_body(request, state.config.max_body_mb)
+    loop = asyncio.get_running_loop()
+    if not handler.batched:
+        # copy_context: the handler thread must see this request's top_k.
+        call = functools.partial(
+            contextvars.copy_context().run, handler.handle, body, content_type, accept
+        )
+        answer, response_type = await loop.run_in_executor(state.handler_pool, call)
+        return Response(answer, media_type=response_type)
+
+    decoder = DECODERS[content_type]
+    state.batcher.announce()
+    try:
+        batch = await loop.run_in_executor(state.decode_pool, decoder, body, handler.decode)
+    except BaseException:
+        state.batcher.withdraw()
+        raise
+    try:
+        probs, batch_size = await state.batcher.submit(batch, announced=True)
+    except BatcherStopped as e:
+        raise NotReady(str(e)) from None
+    except ServingError:
+        raise
+    except Exception as e:
+        raise ModelError(f"the model failed on this batch: {type(e).__name__}: {e}") from e
+    request.state.batch_size = batch_size
+    if not handler.custom_output:
+        kind = negotiate(accept)
+        return Response(ENCODERS[kind](probs, handler.info, top_k), media_type=kind)
+    answer, response_type = handler.encode(probs, accept)
+    return Response(answer, media_type=response_type)
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """Build the ASGI app for ``config``; the model loads in the background at startup.
+
+    Args:
+        config: a checked :class:`ServeConfig` (``model_dir`` must be local).
+
+    Returns:
+        The FastAPI app; ``app.state.serving`` is its :class:`ServingState`.
+    """
+    state = ServingState(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        yield
+        # uvicorn calls this after in-flight requests finished (graceful shutdown).
+        await state.stop()
+
+    app = FastAPI(
+        title="visiontune endpoint",
+        description="SageMaker's inference container contract for a visiontune image classifier.",
+        lifespan=lifespan,
+    )
+    app.state.serving = state
+
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
+        return _error(exc.status, str(exc), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such path {request.url.path}; use POST /invocations or GET /ping"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return _error(exc.status_code, message, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, f"invalid request: {exc.errors()}", request)
+
+    @app.get("/ping", summary="Readiness: 200 (empty) once the model is loaded and warm")
+    async def ping(request: Request) -> Response:
+        if not state.ready:
+            detail = (
+                f"model failed to load: {state.load_error}"
+                if state.load_error
+                else ("the model is still loading")
+            )
+            return _error(503, detail, request)
+        return Response(status_code=200)
+
+    invocation_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                **{
+                    t: {"schema": {"type": "string", "format": "binary"}}
+                    for t in DECODERS
+                    if t != "application/json"
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["instances"],
+                        "properties": {
+                            "instances": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["b64"],
+                                    "properties": {"b64": {"type": "string"}},
+                                },
+                            }
+                        },
+                    }
+                },
+            },
+        },
+        "parameters": [
+            {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer"}}
+        ],
+        "responses": {
+            "200": {"description": "top-k {label, class_id, probability} per image"},
+            **{
+                str(code): {"description": text}
+                for code, text in (
+                    (400, "the body is not a usable image or array"),
+                    (406, "unsupported Accept"),
+                    (413, "body over the limit"),
+                    (415, "unsupported Content-Type"),
+                    (500, "error inside the model"),
+                    (503, "model not loaded yet"),
+                    (504, "request timed out"),
+                )
+            },
+        },
+    }
+
+    @app.post("/invocations", summary="Predict", openapi_extra=invocation_body)
+    async def invocations(request: Request) -> Response:
+        try:
+            return await asyncio.wait_for(_invoke(state, request), config.request_timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no answer within {config.request_timeout_s:g} s; the server is overloaded, "
+                "retry later or raise --request-timeout"
+            ) from None
+        except ServingError:
+            raise
+        except Exception as e:  # a bug: logged with its traceback, answered as 500
+            log.exception("request %s failed", getattr(request.state, "request_id", "?"))
+            raise ModelError(f"internal error: {type(e).__name__}: {e}") from e
+
+    @app.get("/execution-parameters", summary="What SageMaker batch transform should send")
+    async def execution_parameters() -> dict[str, Any]:
+        return {
+            # Enough concurrent requests to fill a batch in every worker.
+            "MaxConcurrentTransforms": config.max_batch_size * config.workers,
+            "BatchStrategy": "SINGLE_RECORD",  # one image per request: images do not split
+            "MaxPayloadInMB": max(1, math.floor(config.max_body_mb)),
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    state.known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]
+    app.add_middleware(AccessLogMiddleware, state=state)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for uvicorn worker processes: the config travels as JSON in the environment."""
+    return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])))
+
+
+def serve(config: ServeConfig) -> None:
+    """Check ``config`` and run the endpoint until SIGTERM/SIGINT (graceful: requests finish).
+
+    Raises:
+        UserError: a bad option, a missing handler or not a model directory.
+    """
+    import uvicorn
+
+    config.check()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    common = {
+        "host": config.host,
+        "port": config.port,
+        "access_log": False,  # ours is structured and carries the request id and batch size
+        "log_level": "info",
+        "timeout_graceful_shutdown": config.graceful_timeout_s,
+        "timeout_keep_alive": 75,  # longer than typical load-balancer idle timeouts
+    }
+    if config.workers == 1:
+        uvicorn.run(create_app(config), **common)
+        return
+    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
+    uvicorn.run(
+        "visiontune.serving.app:create_app_from_env", factory=True, workers=config.workers, **common
+    )
+
+
+def fetch_model_dir(uri: str, endpoint_url: str | None = None) -> str:
+    """A local copy of a model directory: local paths as they are, ``s3://`` copied to the cache.
+
+    The copy goes to ``$VISIONTUNE_HOME/models/<hash of the URI>`` and is refreshed on every
+    start (a model directory is small next to the time it takes to load it).
+
+    Raises:
+        UserError: the bucket or prefix does not exist, or credentials are missing.
+    """
+    import hashlib
+    import shutil
+
+    from visiontune.uri import is_remote, open_fs, storage_errors, visiontune_home
+
+    if not is_remote(uri):
+        return uri
+    local = visiontune_home() / "models" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    with storage_errors(uri, endpoint_url):
+        fs, path = open_fs(uri, endpoint_url)
+        if not fs.exists(path) or not fs.isdir(path):
+            raise UserError(f"{uri} does not exist or is not a folder")
+        tmp = local.with_name(local.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for remote in fs.find(path):
+            target = tmp / os.path.relpath(remote, path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(remote, str(target))
+    shutil.rmtree(local, ignore_errors=True)
+    os.replace(tmp, local)
+    return str(local)

@@ -1,0 +1,176 @@
+"""Inference runtimes: the same model directory run by eager torch or by onnxruntime.
+
+A runtime takes a preprocessed ``(N, 3, S, S)`` float batch and returns class probabilities
+``(N, num_classes)``. Every runtime satisfies :class:`Runtime` and passes the one contract test
+in ``tests/serving/test_runtimes.py``; a new runtime is one entry in :data:`RUNTIMES`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from visiontune.data.transforms import Preprocess
+from visiontune.errors import UserError
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (respects taskset / container CPU sets)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a runtime serves: labels and identity from ``model.json``."""
+
+    name: str
+    version: str
+    class_ids: list[str]
+    class_names: list[str]
+    preprocess: Preprocess
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A loaded model that turns preprocessed batches into probabilities."""
+
+    name: str
+    info: ModelInfo
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(N, C)`` (float32, CPU) for a ``(N, 3, S, S)`` float32 batch."""
+        ...
+
+
+def _info(loaded) -> ModelInfo:
+    return ModelInfo(
+        loaded.name, loaded.version, loaded.class_ids, loaded.class_names, loaded.preprocess
+    )
+
+
+class TorchRuntime:
+    """Eager PyTorch: channels_last, bf16 autocast where the hardware has it, CUDA when present."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+    ):
+        from visiontune.device import autocast_dtype, resolve_device
+        from visiontune.models.artifact import load_model_dir
+
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            # One intra-op thread per core: more only makes threads fight on a small machine.
+            torch.set_num_threads(threads or available_cores())
+        loaded = load_model_dir(model_dir, self.device)
+        self.info = _info(loaded)
+        self.dtype = autocast_dtype(self.device, precision)
+        # channels_last lets oneDNN/cuDNN pick their fastest convolution kernels.
+        self.model = loaded.model.to(memory_format=torch.channels_last)
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        from visiontune.device import autocast
+
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+
+class OnnxRuntime:
+    """onnxruntime on ``MODEL/model.onnx``; exported (into the cache) when missing or stale."""
+
+    name = "onnx"
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        from visiontune.models.artifact import load_model_dir
+
+        loaded = load_model_dir(model_dir, "cpu")
+        self.info = _info(loaded)
+        path = onnx_file_for(Path(model_dir), loaded)
+        options = ort.SessionOptions()
+        # Intra-op threads = cores; one inter-op thread, since a CNN is a chain of ops.
+        options.intra_op_num_threads = threads or available_cores()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run(None, {self.input_name: x})
+        return torch.softmax(torch.from_numpy(logits).float(), dim=1)
+
+
+def onnx_file_for(model_dir: Path, loaded) -> Path:
+    """``model_dir/model.onnx`` if it matches the weights; else a fresh export in the cache."""
+    from visiontune.export import ONNX_FILE, export_onnx, onnx_version
+    from visiontune.uri import visiontune_home
+
+    in_dir = model_dir / ONNX_FILE
+    if in_dir.is_file() and onnx_version(in_dir) == loaded.version:
+        return in_dir
+    cached = visiontune_home() / "onnx" / f"{loaded.version or 'unversioned'}" / ONNX_FILE
+    if not cached.is_file():
+        export_onnx(loaded.model.cpu(), loaded.preprocess.input_size, cached, loaded.version)
+    return cached
+
+
+# Name -> constructor ``(model_dir, *, device, precision, threads) -> Runtime``.
+RUNTIMES: dict[str, Callable[..., Runtime]] = {
+    "torch": TorchRuntime,
+    "onnx": OnnxRuntime,
+}
+
+
+def load_runtime(
+    name: str,
+    model_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    threads: int | None = None,
+) -> Runtime:
+    """Load ``model_dir`` with the runtime called ``name``.
+
+    Args:
+        name: a key of :data:`RUNTIMES` (``torch`` or ``onnx``).
+        model_dir: a visiontune model directory.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``auto`` (bf16 where the hardware has it), ``fp32`` or ``bf16`` (torch only).
+        threads: intra-op threads; default one per available core.
+
+    Raises:
+        UserError: unknown runtime or not a model directory.
+    """
+    try:
+        factory = RUNTIMES[name]
+    except KeyError:
+        raise UserError(f"unknown runtime {name!r}; use one of {', '.join(RUNTIMES)}") from None
+    return factory(model_dir, device=device, precision=precision, threads=threads)

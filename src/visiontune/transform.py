@@ -1,0 +1,197 @@
+"""Batch transform: predictions for every image under a folder or S3 prefix, resumable.
+
+Writes ``OUTPUT/predictions.jsonl``: one line per image, ``{"image": relative path,
+"predictions": [top-k]}`` or ``{"image": ..., "error": "why"}`` for a file that is not a usable
+image (recorded, then the run goes on). Images already in the output are skipped, so a killed
+run picks up where it stopped; lines are flushed and fsynced after every batch, so a kill loses
+nothing already written. Decoding runs in a thread pool ahead of the model; prediction uses the
+same runtimes as ``visiontune serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visiontune.errors import UserError
+
+OUTPUT_FILE = "predictions.jsonl"
+
+
+@dataclass
+class TransformResult:
+    """What one run did."""
+
+    output: str
+    predicted: int
+    errors: int
+    skipped: int
+
+
+def _list_images(input_uri: str, endpoint_url: str | None) -> tuple[Any, str, list[str]]:
+    from visiontune.data.images import is_image_name
+    from visiontune.uri import open_fs, storage_errors
+
+    with storage_errors(input_uri, endpoint_url):
+        fs, root = open_fs(input_uri, endpoint_url)
+        if not fs.exists(root):
+            raise UserError(f"input {input_uri} does not exist")
+        if not fs.isdir(root):
+            raise UserError(f"input {input_uri} is a file; give the folder (or prefix) of images")
+        files = sorted(p for p in fs.find(root) if is_image_name(p))
+    return fs, root, files
+
+
+def _done_images(path: Path) -> set[str]:
+    """Images already in the output; a torn last line (a kill mid-write) is cut off first."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    done = set()
+    for line in data.splitlines():
+        try:
+            done.add(json.loads(line)["image"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def transform(
+    model_dir: str | os.PathLike,
+    input_uri: str,
+    output_uri: str,
+    *,
+    runtime: str = "torch",
+    batch_size: int = 32,
+    top_k: int = 5,
+    device: str = "auto",
+    precision: str = "auto",
+    endpoint_url: str | None = None,
+) -> TransformResult:
+    """Predict every image under ``input_uri`` and append the answers to ``output_uri``.
+
+    Args:
+        model_dir: a visiontune model directory (local or ``s3://``).
+        input_uri: a folder or ``s3://`` prefix of images (searched recursively).
+        output_uri: a folder or ``s3://`` prefix; ``predictions.jsonl`` is written there.
+        runtime: ``torch`` or ``onnx``.
+        batch_size: images predicted together (and written together).
+        top_k: classes per image.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``auto`` (bf16 where the hardware has it), ``fp32`` or ``bf16``.
+        endpoint_url: S3-compatible endpoint for ``s3://`` URIs.
+
+    Returns:
+        Counts of predicted, failed and skipped (already done) images.
+
+    Raises:
+        UserError: a missing input, not a model directory, or storage errors.
+    """
+    import hashlib
+
+    import torch
+
+    from visiontune.data.images import ImageDecodeError, load_image
+    from visiontune.data.transforms import decode_size_hint, eval_transform
+    from visiontune.inference import topk
+    from visiontune.serving.app import fetch_model_dir
+    from visiontune.serving.runtimes import available_cores, load_runtime
+    from visiontune.uri import is_remote, join, open_fs, storage_errors, visiontune_home
+
+    if batch_size < 1 or top_k < 1:
+        raise UserError("--batch-size and --top-k must be at least 1")
+    model = load_runtime(
+        runtime, fetch_model_dir(str(model_dir), endpoint_url), device=device, precision=precision
+    )
+    info = model.info
+    fs, root, files = _list_images(input_uri, endpoint_url)
+
+    remote_output = is_remote(output_uri)
+    if remote_output:
+        # S3 objects cannot be appended to: keep a local copy, upload it after every batch.
+        key = hashlib.sha1(output_uri.encode()).hexdigest()[:16]
+        local = visiontune_home() / "transform" / key / OUTPUT_FILE
+        local.parent.mkdir(parents=True, exist_ok=True)
+        out_fs, out_root = open_fs(output_uri, endpoint_url)
+        remote_file = f"{out_root.rstrip('/')}/{OUTPUT_FILE}"
+        with storage_errors(output_uri, endpoint_url):
+            if out_fs.exists(remote_file):
+                out_fs.get(remote_file, str(local))
+            else:
+                local.unlink(missing_ok=True)
+    else:
+        local = Path(output_uri) / OUTPUT_FILE
+        local.parent.mkdir(parents=True, exist_ok=True)
+
+    done = _done_images(local)
+    todo = [
+        (f, os.path.relpath(f, root) if not is_remote(input_uri) else f[len(root) :].lstrip("/"))
+        for f in files
+    ]
+    todo = [(f, rel) for f, rel in todo if rel not in done]
+    transform_fn = eval_transform(info.preprocess)
+    decode_size = decode_size_hint(info.preprocess)
+
+    def decode(path: str) -> torch.Tensor | str:
+        try:
+            with fs.open(path, "rb") as f:
+                data = f.read()
+            return transform_fn(load_image(data, decode_size=decode_size))
+        except ImageDecodeError as e:
+            return e.reason
+        except OSError as e:
+            return f"cannot read the file: {e}"
+
+    predicted = errors = 0
+    chunks = list(_chunks(todo, batch_size))
+    with ThreadPoolExecutor(available_cores()) as pool, open(local, "a") as out:
+
+        def submit(i: int):
+            return [pool.submit(decode, f) for f, _ in chunks[i]] if i < len(chunks) else []
+
+        # Decode the next batch while the model predicts this one (two batches in memory).
+        upcoming = submit(0)
+        for i, chunk in enumerate(chunks):
+            current, upcoming = upcoming, submit(i + 1)
+            names = [rel for _, rel in chunk]
+            decoded = [future.result() for future in current]
+            lines: list[dict[str, Any]] = []
+            good = [(n, x) for n, x in zip(names, decoded, strict=True) if not isinstance(x, str)]
+            answers: dict[str, Any] = {}
+            if good:
+                probs = model.predict(torch.stack([x for _, x in good]))
+                for (name, _), top in zip(
+                    good, topk(probs, info.class_ids, info.class_names, top_k), strict=True
+                ):
+                    answers[name] = top
+            for name, x in zip(names, decoded, strict=True):
+                if isinstance(x, str):
+                    lines.append({"image": name, "error": x})
+                    errors += 1
+                else:
+                    lines.append({"image": name, "predictions": answers[name]})
+                    predicted += 1
+            out.write("".join(json.dumps(line) + "\n" for line in lines))
+            out.flush()
+            os.fsync(out.fileno())
+            if remote_output:
+                with storage_errors(output_uri, endpoint_url):
+                    out_fs.put(str(local), remote_file)
+    return TransformResult(
+        output=join(output_uri, OUTPUT_FILE), predicted=predicted, errors=errors, skipped=len(done)
+    )
