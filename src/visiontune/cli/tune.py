@@ -1,0 +1,292 @@
+"""``visiontune tune``: hyperparameter tuning, and its ``worker``, ``status``, ``best`` and
+``report`` subcommands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from visiontune.cli import app
+
+_HELP = """Tune hyperparameters: every trial is a training run (an Optuna study).
+
+Run a study: visiontune tune --data DATA --space SPACE.yaml [--set KEY=VALUE ...]
+
+The space file maps training options to ranges (type: continuous, integer or categorical).
+All other training options are fixed: --config FILE, the flags below, --set KEY=VALUE.
+Re-running the same command continues the study.
+
+Subcommands: worker (join a study from any machine), status, best, report.
+"""
+
+tune_app = typer.Typer(help=_HELP, no_args_is_help=False, invoke_without_command=True)
+app.add_typer(tune_app, name="tune")
+
+
+def _storage_for(study: str, storage: str | None, study_dir: Path | None) -> tuple[str, Path]:
+    from visiontune.errors import UserError
+    from visiontune.tuning.study import default_storage
+
+    sdir = study_dir or Path("studies") / study
+    if storage:
+        return storage, sdir
+    if not (sdir / "journal.log").is_file():
+        raise UserError(
+            f"no study at {sdir} (no journal.log); give --study-dir DIR or --storage URL"
+        )
+    return default_storage(sdir), sdir
+
+
+@tune_app.callback()
+def tune(
+    ctx: typer.Context,
+    data: str = typer.Option(None, "--data", "-d", help="Dataset folder, s3:// prefix or name."),
+    space: Path = typer.Option(None, "--space", "-s", help="YAML file of ranges."),
+    config: Path = typer.Option(
+        None, "--config", "-c", help="YAML file of fixed training options."
+    ),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Fixed training option KEY=VALUE (repeatable)."
+    ),
+    objective: str = typer.Option("valid_loss", help="Metric to optimise (any logged metric)."),
+    direction: str = typer.Option("auto", help="minimize | maximize | auto (loss: minimize)."),
+    max_trials: int = typer.Option(
+        10, "--max-trials", help="Finished (complete + pruned) trials wanted."
+    ),
+    parallel: int = typer.Option(1, help="Trials at once, as separate worker processes."),
+    strategy: str = typer.Option("bayesian", help="bayesian (TPE) | random | grid | hyperband."),
+    early_stopping: str = typer.Option("off", "--early-stopping", help="off | auto (median rule)."),
+    study: str = typer.Option("visiontune", "--study", help="Study name."),
+    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    storage: str = typer.Option(None, help="postgresql://... (default: STUDY_DIR/journal.log)."),
+    timeout: float = typer.Option(None, help="Stop starting trials after this many seconds."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the study (the default anyway)."),
+    warm_start: list[str] = typer.Option(None, "--warm-start", help="Earlier study name or dir."),
+    max_retry: int = typer.Option(2, "--max-retry", help="Retries of a trial whose worker died."),
+    heartbeat: int = typer.Option(10, help="Seconds between trial heartbeats."),
+    train_best: bool = typer.Option(False, "--train-best", help="Then train STUDY_DIR/best."),
+    seed: int = typer.Option(None, help="Seed of training and of the sampler."),
+    model: str = typer.Option(None, help="Backbone (fixed)."),
+    weights: str = typer.Option(None, help="imagenet | none | PATH (fixed)."),
+    trainable: str = typer.Option(None, help="head | all | last:N (fixed)."),
+    augment: str = typer.Option(None, help="none | light | strong (fixed)."),
+    lr: float = typer.Option(None, help="Learning rate (fixed, if not in the space)."),
+    batch_size: int = typer.Option(None, help="Batch size (fixed, if not in the space)."),
+    epochs: int = typer.Option(None, help="Epochs (fixed, if not in the space)."),
+    workers: int = typer.Option(None, help="DataLoader workers."),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+    limit_per_class: int = typer.Option(None, help="Use at most N images per class."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    from visiontune.config import TrainConfig, build_config, parse_overrides
+    from visiontune.errors import UserError
+    from visiontune.tuning.space import load_space
+    from visiontune.tuning.study import TuneSettings
+    from visiontune.tuning.study import tune as run_tune
+
+    if space is None and data is None and config is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+    if space is None:
+        raise UserError("say what to tune: --space SPACE.yaml (see examples/dogbreed-tuning.yaml)")
+    if data is None and config is None and not any(s.startswith("data=") for s in set_ or []):
+        raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
+    ranges = load_space(space)
+    flags: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "data": data,
+            "seed": seed,
+            "model": model,
+            "weights": weights,
+            "trainable": trainable,
+            "augment": augment,
+            "lr": lr,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "workers": workers,
+            "device": device,
+            "limit_per_class": limit_per_class,
+        }.items()
+        if v is not None
+    }
+    flags.update(parse_overrides(set_ or []))
+    fixed = build_config(TrainConfig, config, flags)
+    try:
+        settings = TuneSettings(
+            study=study,
+            study_dir=str(study_dir) if study_dir else None,
+            storage=storage,
+            objective=objective,
+            direction=direction,
+            max_trials=max_trials,
+            parallel=parallel,
+            strategy=strategy,
+            early_stopping=early_stopping,
+            timeout=timeout,
+            max_retry=max_retry,
+            heartbeat=heartbeat,
+            seed=seed,
+            warm_start=list(warm_start or []),
+            train_best=train_best,
+        )
+    except Exception as e:  # pydantic: a bad --strategy or --direction
+        from pydantic import ValidationError
+
+        if not isinstance(e, ValidationError):
+            raise
+        err = e.errors()[0]
+        raise UserError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from e
+    del resume  # continuing is what re-running does; the flag documents intent
+    from visiontune.train import TrainingInterrupted
+
+    try:
+        result = run_tune(settings, fixed, ranges)
+    except TrainingInterrupted as e:
+        # The interrupted trial is marked failed; finished ones are in the study already.
+        typer.echo(
+            "stopped; completed trials are kept, re-run the same command to continue", err=True
+        )
+        raise typer.Exit(128 + e.signum) from None
+    summary = {
+        "study": result.study,
+        "study_dir": str(result.study_dir),
+        "storage": result.storage,
+        "trials": result.counts,
+        "best": result.best,
+        "report": str(result.report) if result.report else None,
+        "best_run": str(result.best_run) if result.best_run else None,
+    }
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(result.counts.items()))
+    typer.echo(f"study {result.study}: {counts}")
+    if result.best:
+        b = result.best
+        params = " ".join(f"{k}={v}" for k, v in b["params"].items())
+        typer.echo(f"best trial {b['trial']}: {b['objective']}={b['value']:.6g}  {params}")
+        typer.echo(f"best model: {b['model_dir']}")
+    if result.report:
+        typer.echo(f"report: {result.report}")
+    if result.best_run:
+        typer.echo(f"final model trained in {result.best_run}")
+
+
+@tune_app.command()
+def worker(
+    study: str = typer.Option(..., "--study", help="Study name."),
+    storage: str = typer.Option(None, help="Shared storage URL (default: STUDY_DIR/journal.log)."),
+    study_dir: Path = typer.Option(
+        None, "--study-dir", help="Where this machine writes trial runs (default studies/STUDY)."
+    ),
+    heartbeat: int = typer.Option(10, help="Seconds between trial heartbeats."),
+    timeout: float = typer.Option(None, help="Stop starting trials after this many seconds."),
+) -> None:
+    """Join a study and run trials until it has its budget (run on any number of machines)."""
+    from visiontune.tuning.study import run_worker
+
+    url, sdir = _storage_for(study, storage, study_dir)
+    n = run_worker(study, url, sdir, heartbeat=heartbeat, timeout=timeout)
+    typer.echo(f"worker done: ran {n} trial(s) of study {study}")
+
+
+@tune_app.command()
+def status(
+    study: str = typer.Argument(..., help="Study name."),
+    storage: str = typer.Option(None, help="Storage URL (default: STUDY_DIR/journal.log)."),
+    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    json_out: bool = typer.Option(False, "--json", help="Print the trials as JSON."),
+) -> None:
+    """A table of the study's trials: state, params, objective, epochs, duration, pruning."""
+    from visiontune.tuning.report import fmt_value, trial_rows
+    from visiontune.tuning.study import load_study, study_config
+
+    url, _ = _storage_for(study, storage, study_dir)
+    s = load_study(study, url)
+    rows = trial_rows(s)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = study_config(s)
+    table = Table(
+        "#",
+        "state",
+        "params",
+        cfg["objective"],
+        "epochs",
+        "duration",
+        "pruned at",
+        "note",
+        title=f"study {study} ({cfg['direction']} {cfg['objective']}, budget {cfg['max_trials']})",
+    )
+    for r in rows:
+        note = r["fail_reason"] or (
+            f"retry of {r['retry_of']}" if r["retry_of"] is not None else ""
+        )
+        table.add_row(
+            str(r["number"]),
+            r["state"].lower(),
+            " ".join(f"{k}={fmt_value(v)}" for k, v in r["params"].items()),
+            fmt_value(r["value"]),
+            fmt_value(r["epochs_run"]),
+            "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
+            fmt_value(r["pruned_at_epoch"]),
+            note,
+        )
+    Console().print(table)
+
+
+@tune_app.command()
+def best(
+    study: str = typer.Argument(..., help="Study name."),
+    storage: str = typer.Option(None, help="Storage URL (default: STUDY_DIR/journal.log)."),
+    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    train_best: bool = typer.Option(False, "--train-best", help="Train STUDY_DIR/best with them."),
+) -> None:
+    """The best hyperparameters and the path to that trial's model."""
+    from visiontune.errors import UserError
+    from visiontune.tuning.study import best_summary, load_study
+    from visiontune.tuning.study import train_best as run_train_best
+
+    url, sdir = _storage_for(study, storage, study_dir)
+    s = load_study(study, url)
+    summary = best_summary(s)
+    if summary is None:
+        raise UserError(f"study {study!r} has no complete trial yet")
+    if train_best:
+        summary["best_run"] = str(run_train_best(s, sdir / "best"))
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"best trial {summary['trial']}: {summary['objective']}={summary['value']:.6g}")
+    for k, v in summary["params"].items():
+        typer.echo(f"  {k}: {v}")
+    typer.echo(f"model: {summary['model_dir']}")
+    if "best_run" in summary:
+        typer.echo(f"final model trained in {summary['best_run']}")
+
+
+@tune_app.command()
+def report(
+    study: str = typer.Argument(..., help="Study name."),
+    output: Path = typer.Option(None, "--output", "-o", help="Default: STUDY_DIR/report.html."),
+    storage: str = typer.Option(None, help="Storage URL (default: STUDY_DIR/journal.log)."),
+    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+) -> None:
+    """Write the self-contained HTML tuning report (plots work offline)."""
+    from visiontune.tuning.report import write_report
+    from visiontune.tuning.study import load_study
+
+    url, sdir = _storage_for(study, storage, study_dir)
+    path = write_report(load_study(study, url), output or sdir / "report.html")
+    typer.echo(f"report: {path}")

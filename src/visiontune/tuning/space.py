@@ -1,0 +1,236 @@
+"""Search spaces: SageMaker's parameter ranges, written as YAML, checked before any trial runs.
+
+A space file maps training options (``TrainConfig`` fields; ``batch-size`` and ``batch_size``
+are the same key) to ranges, mirroring SageMaker's ``ContinuousParameter``,
+``IntegerParameter`` and ``CategoricalParameter``::
+
+    lr:         {type: continuous, min: 0.001, max: 0.1, scaling: log}
+    batch-size: {type: categorical, values: [32, 64, 128, 256, 512]}
+    epochs:     {type: integer, min: 1, max: 100}
+
+Every mistake (an unknown key, ``min > max``, log scaling with ``min <= 0``, an empty
+categorical, a value ``TrainConfig`` rejects) ends in one :class:`UserError` line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from visiontune.errors import UserError
+
+# Options the tuner owns: tuning them would make trials overwrite each other or lose the study.
+RESERVED = ("data", "output", "monitor", "monitor_mode", "progress")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable training option and its range."""
+
+    name: str
+    type: Literal["continuous", "integer", "categorical"]
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    values: tuple[Any, ...] = ()
+
+    def corners(self) -> list[Any]:
+        """The values that bound this range (checked against ``TrainConfig`` up front)."""
+        if self.type == "categorical":
+            return list(self.values)
+        return [self.low, self.high]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The space-file form of this range (stored in the study so workers can rebuild it)."""
+        if self.type == "categorical":
+            return {"type": "categorical", "values": list(self.values)}
+        out: dict[str, Any] = {"type": self.type, "min": self.low, "max": self.high}
+        if self.type == "continuous":
+            out["scaling"] = "log" if self.log else "linear"
+        return out
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The ranges of a tuning job, keyed by ``TrainConfig`` field name."""
+
+    params: tuple[Param, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {p.name: p.to_dict() for p in self.params}
+
+    def distributions(self) -> dict[str, Any]:
+        """Optuna distributions, one per parameter."""
+        import optuna.distributions as d
+
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.type == "categorical":
+                out[p.name] = d.CategoricalDistribution(list(p.values))
+            elif p.type == "integer":
+                out[p.name] = d.IntDistribution(int(p.low), int(p.high))
+            else:
+                out[p.name] = d.FloatDistribution(float(p.low), float(p.high), log=p.log)
+        return out
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Draw one point of the space from an Optuna trial."""
+        values: dict[str, Any] = {}
+        for p in self.params:
+            if p.type == "categorical":
+                values[p.name] = trial.suggest_categorical(p.name, list(p.values))
+            elif p.type == "integer":
+                values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high))
+            else:
+                values[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), log=p.log)
+        return values
+
+    def grid(self) -> dict[str, list[Any]]:
+        """The grid for ``--strategy grid``; only categorical spaces have one."""
+        ranged = [p.name for p in self.params if p.type != "categorical"]
+        if ranged:
+            raise UserError(
+                f"--strategy grid needs categorical parameters only; {', '.join(ranged)} "
+                "is a range (write it as {type: categorical, values: [...]} or use bayesian)"
+            )
+        return {p.name: list(p.values) for p in self.params}
+
+    def grid_size(self) -> int:
+        return math.prod(len(p.values) for p in self.params)
+
+    def validate(self, fixed: dict[str, Any]) -> None:
+        """Build a ``TrainConfig`` at every corner of the space (with the fixed options).
+
+        Each parameter's min, max and every categorical value is tried with the other
+        parameters at their first corner, so a value ``TrainConfig`` rejects (``lr: 0``,
+        ``trainable: some``, ...) fails here and not in trial 37.
+
+        Raises:
+            UserError: a value is invalid; the message names the parameter.
+        """
+        from visiontune.config import TrainConfig, build_config
+
+        base = {p.name: p.corners()[0] for p in self.params}
+        for p in self.params:
+            for value in p.corners():
+                try:
+                    build_config(TrainConfig, None, {**fixed, **base, p.name: value})
+                except UserError as e:
+                    raise UserError(f"space: {p.name}={value!r} is not a valid value: {e}") from e
+
+
+def _field_name(key: Any) -> str:
+    from visiontune.config import TrainConfig
+
+    name = str(key).strip().replace("-", "_")
+    fields = list(TrainConfig.model_fields)
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"space: unknown training option {key!r}{hint}")
+    if name in RESERVED:
+        raise UserError(f"space: {name!r} is set by the tuner and cannot be tuned")
+    return name
+
+
+def _number(name: str, spec: dict[str, Any], key: str, integer: bool) -> float | int:
+    if key not in spec:
+        raise UserError(f"space: {name} needs {key}")
+    value = spec[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"space: {name}.{key} must be a number, got {value!r}")
+    if integer:
+        if float(value) != int(value):
+            raise UserError(f"space: {name}.{key} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def parse_param(key: Any, spec: Any) -> Param:
+    """Parse one ``name: {type: ..., ...}`` entry of a space file.
+
+    Raises:
+        UserError: the entry is malformed.
+    """
+    name = _field_name(key)
+    if not isinstance(spec, dict):
+        raise UserError(
+            f"space: {key} must be a mapping like {{type: continuous, min: ..., max: ...}}"
+        )
+    kind = str(spec.get("type", "")).lower()
+    allowed = {
+        "continuous": {"type", "min", "max", "scaling"},
+        "integer": {"type", "min", "max", "scaling"},
+        "categorical": {"type", "values"},
+    }
+    if kind not in allowed:
+        raise UserError(
+            f"space: {key}.type must be continuous, integer or categorical, got {spec.get('type')!r}"
+        )
+    extra = set(spec) - allowed[kind]
+    if extra:
+        raise UserError(f"space: {key} ({kind}) has unknown field(s) {', '.join(sorted(extra))}")
+    if kind == "categorical":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"space: {key}.values must be a non-empty list")
+        if len({repr(v) for v in values}) != len(values):
+            raise UserError(f"space: {key}.values has duplicates")
+        bad = [v for v in values if not isinstance(v, str | int | float | bool) and v is not None]
+        if bad:
+            raise UserError(f"space: {key}.values must be plain values, got {bad[0]!r}")
+        return Param(name, "categorical", values=tuple(values))
+    integer = kind == "integer"
+    low = _number(str(key), spec, "min", integer)
+    high = _number(str(key), spec, "max", integer)
+    if low > high:
+        raise UserError(f"space: {key} has min {low} > max {high}")
+    scaling = str(spec.get("scaling", "linear")).lower()
+    if scaling not in ("linear", "log"):
+        raise UserError(f"space: {key}.scaling must be linear or log, got {scaling!r}")
+    log = scaling == "log"
+    if log and low <= 0:
+        raise UserError(f"space: {key} uses log scaling, so min must be > 0 (got {low})")
+    return Param(name, kind, low=low, high=high, log=log)  # type: ignore[arg-type]
+
+
+def parse_space(spec: Any) -> SearchSpace:
+    """Parse a space mapping (already loaded from YAML).
+
+    Raises:
+        UserError: the mapping is empty or an entry is malformed.
+    """
+    if not isinstance(spec, dict) or not spec:
+        raise UserError("space: expected a non-empty mapping of training options to ranges")
+    params = [parse_param(k, v) for k, v in spec.items()]
+    seen: set[str] = set()
+    for p in params:
+        if p.name in seen:
+            raise UserError(f"space: {p.name} is given twice")
+        seen.add(p.name)
+    return SearchSpace(tuple(params))
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and parse a space YAML file.
+
+    Raises:
+        UserError: the file is missing, not YAML, or not a valid space.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"space file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"space file {path} is not valid YAML: {e}".splitlines()[0]) from e
+    return parse_space(spec)
