@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,9 @@ FEATURE_FORMAT = 1
 
 def cache_root() -> Path:
     """``$VISIONTUNE_HOME/cache`` (default ``~/.cache/visiontune/cache``)."""
-    home = os.environ.get("VISIONTUNE_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "visiontune"
-    )
-    return Path(home) / "cache"
+    from visiontune.uri import visiontune_home
+
+    return visiontune_home() / "cache"
 
 
 def weights_key(weights: str) -> str:

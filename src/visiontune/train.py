@@ -770,29 +770,19 @@ def _local_run_dir(output: str) -> tuple[Path, str | None]:
 
 def pull_remote_run(output: str, endpoint_url: str | None = None) -> Path:
     """For ``--resume s3://...``: copy the remote run directory into its local staging place."""
-    from visiontune.uri import open_fs
+    from visiontune.uri import download_tree
 
     run_dir, remote = _local_run_dir(output)
-    if remote is None:
-        return run_dir
-    fs, root = open_fs(remote, endpoint_url=endpoint_url)
-    for path in fs.find(root):
-        rel = path[len(root) :].lstrip("/")
-        if rel:
-            dest = run_dir / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(path, str(dest))
+    if remote is not None:
+        download_tree(remote, run_dir, endpoint_url)
     return run_dir
 
 
 def _sync_up(run_dir: Path, remote: str, endpoint_url: str | None) -> None:
     """Mirror the local run directory to its remote home (S3)."""
-    from visiontune.uri import open_fs
+    from visiontune.uri import upload_tree
 
-    fs, root = open_fs(remote, endpoint_url=endpoint_url)
-    for p in sorted(run_dir.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            fs.put_file(str(p), f"{root}/{p.relative_to(run_dir).as_posix()}")
+    upload_tree(run_dir, remote, endpoint_url)
 
 
 class _Progress:

@@ -209,6 +209,39 @@ def storage_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
 # ---------------------------------------------------------------------------- downloads
 
 
+def download_tree(uri: str, dest: Path, endpoint_url: str | None = None) -> Path:
+    """Copy every object under a remote folder or prefix into ``dest``, replacing it whole.
+
+    The copy lands in ``dest.partial`` first and is renamed into place, so a kill midway never
+    leaves a half-copied tree under the final name.
+    """
+    import shutil
+
+    with storage_errors(uri, endpoint_url):
+        fs, root = open_fs(uri, endpoint_url)
+        if not fs.exists(root) or not fs.isdir(root):
+            raise UserError(f"{uri} does not exist or is not a folder")
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for remote in fs.find(root):
+            target = tmp / os.path.relpath(remote, root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(target))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def upload_tree(local: Path, uri: str, endpoint_url: str | None = None) -> None:
+    """Mirror the files of a local folder to a remote folder or prefix (hidden files skipped)."""
+    with storage_errors(uri, endpoint_url):
+        fs, root = open_fs(uri, endpoint_url)
+        for p in sorted(local.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                fs.put_file(str(p), f"{root.rstrip('/')}/{p.relative_to(local).as_posix()}")
+
+
 def _file_digest(path: Path, algorithm: str) -> str:
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:

@@ -610,24 +610,11 @@ def fetch_model_dir(uri: str, endpoint_url: str | None = None) -> str:
         UserError: the bucket or prefix does not exist, or credentials are missing.
     """
     import hashlib
-    import shutil
 
-    from visiontune.uri import is_remote, open_fs, storage_errors, visiontune_home
+    from visiontune.uri import download_tree, is_remote, visiontune_home
 
     if not is_remote(uri):
         return uri
     local = visiontune_home() / "models" / hashlib.sha1(uri.encode()).hexdigest()[:16]
-    with storage_errors(uri, endpoint_url):
-        fs, path = open_fs(uri, endpoint_url)
-        if not fs.exists(path) or not fs.isdir(path):
-            raise UserError(f"{uri} does not exist or is not a folder")
-        tmp = local.with_name(local.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for remote in fs.find(path):
-            target = tmp / os.path.relpath(remote, path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get(remote, str(target))
-    shutil.rmtree(local, ignore_errors=True)
-    os.replace(tmp, local)
+    download_tree(uri, local, endpoint_url)
     return str(local)

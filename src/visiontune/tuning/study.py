@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from visiontune.callbacks import Callback
 from visiontune.errors import UserError
 from visiontune.tuning.space import RESERVED, SearchSpace, parse_space
 
@@ -443,13 +444,7 @@ def _is_oom(message: str) -> bool:
     return any(s in m for s in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
-def _reporter_base():
-    from visiontune.callbacks import Callback
-
-    return Callback
-
-
-class _Reporter(_reporter_base()):  # type: ignore[misc]
+class _Reporter(Callback):
     """Reports the objective after every epoch and stops training when the pruner says so."""
 
     def __init__(self, trial, objective: str, prune: bool) -> None:
