@@ -856,6 +856,7 @@ class _Progress:
             f"acc {m['valid_accuracy']:.3f} top5 {m['valid_top5']:.3f}  "
             f"lr {m['lr']:.2e}  {m['images_per_sec']:.1f} img/s  {m['epoch_time']:.1f}s{star}",
             highlight=False,
+            soft_wrap=True,  # one line per epoch in logs, whatever the terminal width
         )
 
     def close(self) -> None:
