@@ -224,3 +224,29 @@ def test_warm_start_seeds_the_sampler_without_using_the_budget(tiny_data):
     assert second.counts == {"WARM_START": 2, "COMPLETE": 1}
     # the best of the new study is a trial it ran (it has a model), not a seed
     assert Path(second.best["model_dir"]).is_dir()
+
+
+def test_train_best_trains_the_final_model_with_the_best_params(tiny_data):
+    import yaml
+
+    from visiontune.tuning.study import load_study, train_best
+
+    space = {"lr": {"type": "continuous", "min": 0.003, "max": 0.1, "scaling": "log"}}
+    result = run(
+        tiny_data, space, study="final", max_trials=2, fixed={"epochs": 1, "batch_size": 4}
+    )
+    out = train_best(load_study(result.study, result.storage), Path("studies/final/best"))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lr"] == pytest.approx(result.best["params"]["lr"])
+    assert saved["batch_size"] == 4 and saved["model"] == "tiny_cnn"
+    assert (out / "model" / "model.json").is_file()
+
+
+def test_timeout_stops_starting_new_trials(tiny_data):
+    space = {"lr": {"type": "continuous", "min": 0.003, "max": 0.1, "scaling": "log"}}
+    # The first trial outlasts the timeout, so no second one starts, though the budget is 50.
+    result = run(
+        tiny_data, space, study="timed", max_trials=50, timeout=0.01,
+        fixed={"epochs": 1, "batch_size": 4},
+    )  # fmt: skip
+    assert len(trials_of(result)) == 1
