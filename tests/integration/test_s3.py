@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,19 +28,6 @@ def s3(server):
     )
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from visiontune.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["visiontune", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def problem_dataset(root: Path) -> Path:
     """Small dataset with one of each problem check must find."""
     write_dataset(root, classes=("cat", "dog"), per_class=3, size=32)
@@ -64,7 +50,7 @@ def bucket(s3_server, tmp_path_factory) -> str:
     return str(local)
 
 
-def test_check_on_s3_gives_the_same_report_as_local(s3_env, bucket, monkeypatch, capsys):
+def test_check_on_s3_gives_the_same_report_as_local(cli, s3_env, bucket, monkeypatch, capsys):
     local = check_dataset(bucket)
     remote = check_dataset("s3://vt-data/pets", endpoint_url=s3_env.endpoint_url)
     local_d, remote_d = local.to_dict(), remote.to_dict()
@@ -74,8 +60,7 @@ def test_check_on_s3_gives_the_same_report_as_local(s3_env, bucket, monkeypatch,
     kinds = remote_d["problem_counts"]
     assert kinds == {"unreadable": 2, "extension_mismatch": 1, "leakage": 1}
 
-    code, out, _ = run_cli(
-        monkeypatch, capsys, "data", "check", "s3://vt-data/pets",
+    code, out, _ = cli("data", "check", "s3://vt-data/pets",
         "--endpoint-url", s3_env.endpoint_url, "--json", "--strict",
     )  # fmt: skip
     assert code == 1  # --strict: problems found
@@ -144,11 +129,10 @@ def test_prefix_with_more_than_1000_objects(s3_env, s3_server):
     assert index.counts()["train"] == [1003, 2]
 
 
-def test_missing_bucket_is_one_clear_line(s3_env, monkeypatch, capsys):
+def test_missing_bucket_is_one_clear_line(cli, s3_env, monkeypatch, capsys):
     with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
         discover("s3://no-such-bucket/data", endpoint_url=s3_env.endpoint_url)
-    code, _, err = run_cli(
-        monkeypatch, capsys, "data", "check", "s3://no-such-bucket/data",
+    code, _, err = cli("data", "check", "s3://no-such-bucket/data",
         "--endpoint-url", s3_env.endpoint_url,
     )  # fmt: skip
     assert code == 2
@@ -171,11 +155,10 @@ def test_missing_prefix_is_one_clear_line(s3_env, bucket):
     ],
     ids=["wrong-secret", "unknown-key"],
 )
-def test_wrong_credentials_are_one_clear_line(s3_env, bucket, monkeypatch, capsys, env):
+def test_wrong_credentials_are_one_clear_line(cli, s3_env, bucket, monkeypatch, capsys, env):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    code, _out, err = run_cli(
-        monkeypatch, capsys, "data", "check", "s3://vt-data/pets",
+    code, _out, err = cli("data", "check", "s3://vt-data/pets",
         "--endpoint-url", s3_env.endpoint_url,
     )  # fmt: skip
     assert code == 2

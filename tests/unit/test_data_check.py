@@ -12,19 +12,6 @@ from helpers import make_image, write_dataset
 from visiontune.data.check import check_dataset
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from visiontune.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["visiontune", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture
 def messy(tmp_path):
     root = write_dataset(
@@ -71,25 +58,25 @@ def test_report_finds_every_problem(messy):
     assert report.image_size["width"] == {"min": 24, "median": 24.0, "mean": 24.0, "max": 24}
 
 
-def test_clean_dataset_has_no_problems_and_strict_passes(image_dataset, monkeypatch, capsys):
-    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", str(image_dataset), "--strict")
+def test_clean_dataset_has_no_problems_and_strict_passes(cli, image_dataset, monkeypatch, capsys):
+    code, out, _ = cli("data", "check", str(image_dataset), "--strict")
     assert code == 0
     assert "no problems found" in out
     assert check_dataset(str(image_dataset)).ok
 
 
-def test_cli_json_and_strict_exit_code(messy, monkeypatch, capsys):
-    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", str(messy), "--json")
+def test_cli_json_and_strict_exit_code(cli, messy, monkeypatch, capsys):
+    code, out, _ = cli("data", "check", str(messy), "--json")
     assert code == 0
     data = json.loads(out)
     assert data["problem_counts"]["unreadable"] == 2 and data["ok"] is False
-    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", str(messy), "--strict")
+    code, out, _ = cli("data", "check", str(messy), "--strict")
     assert code == 1
     assert "train/cat/truncated.jpg: truncated file" in out
 
 
-def test_cli_bad_path_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    code, _out, err = run_cli(monkeypatch, capsys, "data", "check", str(tmp_path / "missing"))
+def test_cli_bad_path_is_one_line_exit_2(cli, tmp_path, monkeypatch, capsys):
+    code, _out, err = cli("data", "check", str(tmp_path / "missing"))
     assert code == 2
     assert err.strip() == f"error: {tmp_path / 'missing'} does not exist"
 
