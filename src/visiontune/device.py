@@ -57,7 +57,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def available_cores() -> int:
+    """CPU cores this process may use (respects taskset and container CPU sets)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    """DataLoader workers sized to the machine: one per core, leaving the rest to compute."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, n))
+    """DataLoader workers sized to the machine: one per core, at most 8."""
+    return min(8, available_cores())

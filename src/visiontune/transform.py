@@ -108,9 +108,10 @@ def transform(
 
     from visiontune.data.images import ImageDecodeError, load_image
     from visiontune.data.transforms import decode_size_hint, eval_transform
+    from visiontune.device import available_cores
     from visiontune.inference import topk
     from visiontune.serving.app import fetch_model_dir
-    from visiontune.serving.runtimes import available_cores, load_runtime
+    from visiontune.serving.runtimes import load_runtime
     from visiontune.uri import is_remote, join, open_fs, storage_errors, visiontune_home
 
     if batch_size < 1 or top_k < 1:

@@ -262,7 +262,7 @@ class ServingState:
     """The loaded model, its batcher and thread pools, and whether /ping may say 200."""
 
     def __init__(self, config: ServeConfig) -> None:
-        from visiontune.serving.runtimes import available_cores
+        from visiontune.device import available_cores
 
         self.config = config
         module = load_user_module(config.handler) if config.handler else None

@@ -16,14 +16,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from visiontune.data.transforms import Preprocess
+from visiontune.device import available_cores
 from visiontune.errors import UserError
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (respects taskset / container CPU sets)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
