@@ -31,7 +31,7 @@ def model_fn(model_dir):
         nn.Linear(num_features, 128), nn.ReLU(inplace=True), nn.Linear(128, 133)
     )
     with open(os.path.join(model_dir, "model.pth"), "rb") as f:
-        model.load_state_dict(torch.load(f, map_location="cpu"))
+        model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
     model.eval()
     return model
 
