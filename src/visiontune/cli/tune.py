@@ -204,7 +204,7 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="Print the trials as JSON."),
 ) -> None:
     """A table of the study's trials: state, params, objective, epochs, duration, pruning."""
-    from visiontune.tuning.report import fmt_value, trial_rows
+    from visiontune.tuning.report import trial_cells, trial_rows
     from visiontune.tuning.study import load_study, study_config
 
     url, _ = _storage_for(study, storage, study_dir)
@@ -229,19 +229,7 @@ def status(
         title=f"study {study} ({cfg['direction']} {cfg['objective']}, budget {cfg['max_trials']})",
     )
     for r in rows:
-        note = r["fail_reason"] or (
-            f"retry of {r['retry_of']}" if r["retry_of"] is not None else ""
-        )
-        table.add_row(
-            str(r["number"]),
-            r["state"].lower(),
-            " ".join(f"{k}={fmt_value(v)}" for k, v in r["params"].items()),
-            fmt_value(r["value"]),
-            fmt_value(r["epochs_run"]),
-            "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
-            fmt_value(r["pruned_at_epoch"]),
-            note,
-        )
+        table.add_row(*trial_cells(r))
     Console().print(table)
 
 

@@ -15,6 +15,22 @@ from typing import Any
 from visiontune.io import atomic_write_text
 
 
+def trial_cells(r: dict[str, Any]) -> list[str]:
+    """One trial row as the text cells of the status table and the HTML report: number,
+    state, params, objective, epochs, duration, pruned at, note."""
+    note = r["fail_reason"] or (f"retry of {r['retry_of']}" if r["retry_of"] is not None else "")
+    return [
+        str(r["number"]),
+        r["state"].lower(),
+        " ".join(f"{k}={fmt_value(v)}" for k, v in r["params"].items()),
+        fmt_value(r["value"]),
+        fmt_value(r["epochs_run"]),
+        "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
+        fmt_value(r["pruned_at_epoch"]),
+        note,
+    ]
+
+
 def trial_rows(study) -> list[dict[str, Any]]:
     """One plain dict per trial: what ``tune status`` and the report show."""
     rows = []
@@ -101,21 +117,7 @@ def render_report(study) -> str:
     rows = []
     for r in trial_rows(study):
         rows.append(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(c)}</td>"
-                for c in (
-                    str(r["number"]),
-                    r["state"].lower(),
-                    " ".join(f"{k}={fmt_value(v)}" for k, v in r["params"].items()),
-                    fmt_value(r["value"]),
-                    fmt_value(r["epochs_run"]),
-                    "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
-                    fmt_value(r["pruned_at_epoch"]),
-                    r["fail_reason"] or "",
-                )
-            )
-            + "</tr>"
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in trial_cells(r)) + "</tr>"
         )
     best_html = (
         "<p>No complete trial yet.</p>"
