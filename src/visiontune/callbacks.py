@@ -1,60 +1,114 @@
 """The one extension point of the training loop.
 
 A :class:`Callback` has a no-op method for every event of the loop. The debugger, the profiler,
-the tuner and the metric loggers subscribe by overriding the events they need. The loop calls
-them through a :class:`CallbackList`, which
+the tuner and the trackers subscribe by overriding the events they need. The loop calls them
+through a :class:`CallbackList`, which
 
 * skips an event entirely when no callback overrides it (instrumentation costs nothing when
   nobody listens: not even a Python call per step), and
 * reports a failing callback once and keeps training (a broken logger must never cost a run).
 
-Step events let a profiler separate data-wait time from compute time: ``on_batch_start`` fires
-before the loop waits for the next batch, ``on_step_start`` once the batch is in hand, and
-``on_step_end`` after the optimizer step.
+Events, in the order a run sees them::
+
+    on_train_start
+      on_features_start / on_features_end        (once per split, when backbone features are
+                                                  computed for the feature cache)
+      on_epoch_start
+        on_batch_start                            (before waiting for data: data-wait starts)
+        on_step_start                             (batch in hand: forward starts)
+        on_before_backward                        (forward done: backward starts)
+        on_after_backward                         (gradients populated, unscaled under fp16)
+        on_step_end                               (after the optimizer step)
+      on_evaluation_start / on_evaluation_end     (per split evaluated)
+      on_epoch_end
+      on_checkpoint_start / on_checkpoint
+    on_export_start / on_export_end               (the best epoch evaluated and written out)
+    on_train_end                                  (every exit: success, stop, signal, error)
+
+``state.phase`` says what the loop is doing (``init``, ``features``, ``train``, ``eval``,
+``checkpoint``, ``export``, ``done``), so a forward hook can tell training steps from
+evaluation.
 
 A callback that wants training to stop sets ``state.stop_reason`` (for example the tuner when a
-trial is pruned); the loop stops cleanly at the end of the epoch and ``train`` returns.
+trial is pruned, or a debugger rule whose action is ``stop``); the loop stops cleanly at the end
+of the epoch and ``train`` returns with the best epoch's model. Callbacks cannot raise into the
+loop.
+
+Callbacks are found by name (:func:`register_callback`, :func:`resolve_callbacks`): the CLI's
+``--callback NAME``, the config's ``callbacks: [NAME, ...]`` and ``module:Class`` paths for
+users' own callbacks. Tuning trials build theirs from the same config, so they get the same ones.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from visiontune.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 EVENTS = (
     "on_train_start",
+    "on_features_start",
+    "on_features_end",
     "on_epoch_start",
     "on_batch_start",
     "on_step_start",
+    "on_before_backward",
     "on_after_backward",
     "on_step_end",
+    "on_evaluation_start",
     "on_evaluation_end",
     "on_epoch_end",
+    "on_checkpoint_start",
     "on_checkpoint",
+    "on_export_start",
+    "on_export_end",
     "on_train_end",
 )
+
+Phase = Literal["init", "features", "train", "eval", "checkpoint", "export", "done"]
 
 
 @dataclass
 class TrainState:
     """What callbacks can read (and, for ``stop_reason``, write) while training runs."""
 
-    config: Any
-    run_dir: Any
-    model: Any = None
-    optimizer: Any = None
-    device: Any = None
-    epoch: int = 0
+    config: TrainConfig
+    run_dir: Path
+    model: nn.Module | None = None
+    # The module run every step: ``model.head`` when cached features stand in for the backbone.
+    step_model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    device: torch.device | None = None
+    precision: str = "fp32"  # what autocast runs in: fp32 | bf16 | fp16
+    workers: int = 0  # DataLoader worker processes
+    phase: Phase = "init"
+    uses_feature_cache: bool = False  # the backbone does not run per step
+    resumed: bool = False
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0  # epochs completed (0-based index of the current epoch while it runs)
     step: int = 0  # global optimizer steps so far
     batch_in_epoch: int = 0
+    eval_split: str | None = None  # the split being evaluated while phase == "eval"
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
     steps_per_epoch: int = 0
+    best_epoch: int | None = None
+    best_value: float | None = None
     stop_reason: str | None = None
+    error: str | None = None  # set when the run ends with an exception (one line)
     last_metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -64,35 +118,55 @@ class Callback:
 
     def on_train_start(self, state: TrainState) -> None: ...
 
+    def on_features_start(self, state: TrainState, split: str, backbone: Any) -> None:
+        """Backbone features of ``split`` are about to be computed (not when read from cache)."""
+
+    def on_features_end(self, state: TrainState, split: str) -> None: ...
+
     def on_epoch_start(self, state: TrainState) -> None: ...
 
     def on_batch_start(self, state: TrainState) -> None:
         """Before the loop waits for the next batch (data-wait time starts)."""
 
     def on_step_start(self, state: TrainState, batch: Any) -> None:
-        """The batch is in hand (data-wait ends, compute starts)."""
+        """The batch ``(inputs, targets)`` is on the device (data-wait ends, forward starts)."""
+
+    def on_before_backward(self, state: TrainState, outputs: Any, loss: Any) -> None:
+        """Forward is done (backward starts)."""
 
     def on_after_backward(self, state: TrainState, model: Any) -> None:
-        """Gradients are populated on ``model``'s parameters, before the optimizer step."""
+        """Gradients are populated and unscaled on ``model``'s parameters, before the step."""
 
     def on_step_end(self, state: TrainState, batch: Any, outputs: Any, loss: Any) -> None:
         """After the optimizer step. ``loss`` is a tensor: call ``.item()`` only when you log."""
 
+    def on_evaluation_start(self, state: TrainState, split: str) -> None: ...
+
     def on_evaluation_end(
-        self, state: TrainState, split: str, metrics: dict[str, float]
+        self, state: TrainState, split: str, metrics: dict[str, Any]
     ) -> None: ...
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
 
-    def on_checkpoint(self, state: TrainState, path: str) -> None: ...
+    def on_checkpoint_start(self, state: TrainState) -> None: ...
 
-    def on_train_end(self, state: TrainState, result: Any) -> None: ...
+    def on_checkpoint(self, state: TrainState, path: str) -> None:
+        """A checkpoint was written to ``path``."""
+
+    def on_export_start(self, state: TrainState) -> None: ...
+
+    def on_export_end(self, state: TrainState, model_dir: Path) -> None: ...
+
+    def on_train_end(self, state: TrainState, result: Any) -> None:
+        """Fires on every exit. ``result`` is the ``TrainResult``, or ``None`` when the run
+        stopped on a signal or an error (``state.stop_reason`` / ``state.error`` say which).
+        Release threads and files here."""
 
 
 class CallbackList:
     """Dispatches events to the callbacks that override them; isolates their failures."""
 
-    def __init__(self, callbacks: list[Callback] | tuple[Callback, ...] = ()) -> None:
+    def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self.callbacks = list(callbacks)
         self._failed: set[tuple[int, str]] = set()
         self._listeners = {ev: [cb for cb in self.callbacks if _overrides(cb, ev)] for ev in EVENTS}
@@ -121,3 +195,73 @@ def _overrides(cb: Callback, event: str) -> bool:
     impl = getattr(type(cb), event, None)
     base = getattr(Callback, event)
     return impl is not None and impl is not base
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks by name
+
+CallbackFactory = Callable[["TrainConfig"], Callback | None]
+
+# Built-ins are imported only when asked for, so `visiontune --help` stays fast.
+_BUILTIN: dict[str, str] = {
+    "debugger": "visiontune.debug.callback:from_config",
+    "profiler": "visiontune.profile.callback:from_config",
+}
+_REGISTRY: dict[str, CallbackFactory] = {}
+
+
+def register_callback(name: str) -> Callable[[CallbackFactory], CallbackFactory]:
+    """Register ``factory(cfg) -> Callback | None`` under ``name`` (a decorator)."""
+
+    def deco(factory: CallbackFactory) -> CallbackFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def callback_names() -> list[str]:
+    return sorted({*_BUILTIN, *_REGISTRY})
+
+
+def _factory(name: str) -> CallbackFactory:
+    from visiontune.errors import UserError
+
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    target = _BUILTIN.get(name, name)
+    if ":" not in target:
+        raise UserError(
+            f"unknown callback {name!r} (one of: {', '.join(callback_names())}, "
+            "or module:Class for your own)"
+        )
+    module, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"cannot load callback {name!r}: {e}") from e
+    return obj
+
+
+def resolve_callbacks(cfg: TrainConfig, extra: Iterable[Callback] = ()) -> list[Callback]:
+    """The callbacks a run gets: those its config turns on (debugger, profiler, named ones),
+    then ``extra`` (the tuner's reporter, a notebook's own)."""
+    names = list(dict.fromkeys([*default_callback_names(cfg), *cfg.callbacks]))
+    out: list[Callback] = []
+    for name in names:
+        cb = _factory(name)(cfg)
+        if cb is not None:
+            out.append(cb)
+    return [*out, *extra]
+
+
+def default_callback_names(cfg: TrainConfig) -> list[str]:
+    """Callbacks the config's own sections turn on (``debugger:``, ``profiler:``)."""
+    names = []
+    for name in ("debugger", "profiler"):
+        section = getattr(cfg, name, None)
+        if section is not None and getattr(section, "enabled", False):
+            names.append(name)
+    return names

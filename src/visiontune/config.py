@@ -81,6 +81,10 @@ class TrainConfig(BaseModel):
     checkpoint_every_steps: int | None = Field(None, ge=1)
     output: str = Field("runs/latest", description="run directory, local or s3://bucket/prefix")
     progress: bool = True
+    callbacks: list[str] = Field(
+        default_factory=list,
+        description="callbacks by name (debugger, profiler, module:Class) to attach to the loop",
+    )
 
     @field_validator("lr")
     @classmethod
