@@ -18,6 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from visiontune.errors import UserError
 
 
+class Resolved(BaseModel):
+    """What ``auto`` settings became on the machine that ran the job (written by ``train``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str
+    precision: Literal["fp32", "bf16", "fp16"]
+    workers: int
+    batch_size: int
+    uses_feature_cache: bool = False
+
+
 class TrainConfig(BaseModel):
     """Everything that decides what a training run does."""
 
@@ -81,6 +93,10 @@ class TrainConfig(BaseModel):
     checkpoint_every_steps: int | None = Field(None, ge=1)
     output: str = Field("runs/latest", description="run directory, local or s3://bucket/prefix")
     progress: bool = True
+    report: bool = Field(True, description="write RUN/report.html at the end of the run")
+    resolved: Resolved | None = Field(
+        None, description="what auto settings resolved to (written by the run, not an input)"
+    )
     callbacks: list[str] = Field(
         default_factory=list,
         description="callbacks by name (debugger, profiler, module:Class) to attach to the loop",
