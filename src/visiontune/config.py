@@ -128,13 +128,24 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _monitor_mode(self) -> TrainConfig:
         if self.monitor_mode == "auto":
-            mode = "min" if "loss" in self.monitor else "max"
+            mode = "min" if is_minimised(self.monitor) else "max"
             object.__setattr__(self, "monitor_mode", mode)
         return self
 
     @property
     def frozen_backbone(self) -> bool:
         return self.trainable == "head"
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        """The one rule: a frozen backbone, no augmentation, and the cache not turned off;
+        then backbone features are computed once and the head trains on them."""
+        return self.frozen_backbone and self.augment == "none" and self.feature_cache
+
+
+def is_minimised(metric: str) -> bool:
+    """The one rule for a metric's direction: losses are minimised, everything else maximised."""
+    return "loss" in metric
 
 
 def _coerce(value: str) -> Any:

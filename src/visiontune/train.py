@@ -350,7 +350,7 @@ def setup_data(job: Job, preprocess) -> None:
             generator=torch.Generator().manual_seed(cfg.seed),
         )
 
-    if not uses_feature_cache(cfg):
+    if not cfg.uses_feature_cache:
         sampler = EpochSampler(len(data.splits["train"]), cfg.seed)
         train_loader = image_loader(
             "train", train_transform(preprocess, cfg.augment), cfg.batch_size, sampler, True
@@ -385,11 +385,6 @@ def setup_data(job: Job, preprocess) -> None:
         )
     s = job.state
     s.step_model, s.uses_feature_cache = job.loaders.step_model, job.loaders.uses_feature_cache
-
-
-def uses_feature_cache(cfg: TrainConfig) -> bool:
-    """The one rule: a frozen backbone, no augmentation and the cache not turned off."""
-    return cfg.frozen_backbone and cfg.augment == "none" and cfg.feature_cache
 
 
 def _cached_features(job: Job, split: str, loader: DataLoader, preprocess) -> TensorDataset:

@@ -332,3 +332,44 @@ def test_run_files_follow_the_umask(image_dataset, tmp_path):
     for rel in ("config.yaml", "checkpoints/last.pt", "model/model.json", "evaluation.json"):
         mode = stat.S_IMODE((tmp_path / "run" / rel).stat().st_mode)
         assert mode == 0o644, (rel, oct(mode))
+
+
+def test_callback_flag_on_the_command_line_attaches_it(image_dataset, tmp_path):
+    log = tmp_path / "events.txt"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "visiontune",
+            "train",
+            "--data",
+            str(image_dataset),
+            "--output",
+            str(tmp_path / "r"),
+            "--model",
+            "tiny_cnn",
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--callback",
+            "helpers:EventLog",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={
+            **os.environ,
+            "VT_TEST_EVENTS": str(log),
+            "PYTHONPATH": str(Path(__file__).parents[1]),
+        },
+    )
+    assert p.returncode == 0, p.stderr
+    assert log.read_text().split() == ["train_start", "epoch_end", "train_end"]
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["callbacks"] == [
+        "helpers:EventLog"
+    ]

@@ -49,6 +49,9 @@ def train(
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
     checkpoint_every_steps: int = typer.Option(None, help="Also checkpoint every N steps."),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: KEY=VALUE."),
+    callback: list[str] = typer.Option(
+        None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     from visiontune.config import TrainConfig, build_config, parse_overrides
@@ -62,6 +65,8 @@ def train(
         if k in TrainConfig.model_fields and v is not None and k != "config"
     }
     flags.update(parse_overrides(set_ or []))
+    if callback:
+        flags["callbacks"] = list(callback)
     if resume:
         from visiontune.train import pull_remote_run
 
