@@ -56,6 +56,23 @@ def _register() -> None:
 _register()
 
 
+def _click_exceptions() -> tuple[type[BaseException], ...]:
+    """The ClickException classes in play: typer's bundled click, and click where installed.
+
+    typer >= 0.24 vendors click as ``typer._click`` and raises its exceptions, which are not
+    ``click.ClickException``; checking only the latter turned every usage error into a
+    traceback. The bundled class is found through the public ``typer.BadParameter``.
+    """
+    found = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:  # typer no longer needs click itself
+        pass
+    return tuple(dict.fromkeys(found))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
@@ -75,9 +92,7 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # click usage errors are user errors too
-        import click
-
-        if isinstance(e, click.ClickException):
+        if isinstance(e, _click_exceptions()):
             e.show()
             sys.exit(e.exit_code)
         if os.environ.get("VISIONTUNE_DEBUG") or not isinstance(e, OSError):
