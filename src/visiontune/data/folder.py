@@ -61,6 +61,8 @@ class DatasetIndex:
         storage_options: what fsspec needs to open the URIs again (JSON-serialisable, no
             secrets).
         file_info: ``uri -> (size, ETag or mtime)``, used for content keys.
+        layout: ``"splits"`` (the dataset's own split folders) or ``"classes"`` (class
+            folders only, split seeded or from a record).
     """
 
     root: str
@@ -69,6 +71,7 @@ class DatasetIndex:
     splits: dict[str, list[tuple[str, int]]]
     storage_options: dict = field(default_factory=dict)
     file_info: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)
+    layout: str = "splits"
 
     def fingerprint(self, split: str | None = None) -> str:
         """A stable key of the content (paths, sizes, ETags/mtimes, labels) for caches.
@@ -158,6 +161,7 @@ def discover(
         splits=index_splits,
         storage_options=uris.storage_options(resolved, endpoint_url),
         file_info=file_info,
+        layout=layout.kind,
     )
 
 
