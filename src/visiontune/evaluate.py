@@ -323,7 +323,9 @@ def _progress_bar(total: int, label: str, progress: bool | None):
             TextColumn("batches"),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=Console(stderr=True), transient=True) as p:
+        # VISIONTUNE_PROGRESS=1 asks for the bar where stderr is not a terminal (a CI log).
+        console = Console(stderr=True, force_terminal=True if progress is None else None)
+        with Progress(*columns, console=console, transient=True) as p:
             task = p.add_task(label, total=total)
             yield lambda n: p.advance(task, n)
 
