@@ -174,20 +174,22 @@ def evaluation_split(
     )
     split = canonical_split(split)
     splits = dict(index.splits)
-    if split == "valid" and not splits.get("valid") and splits.get("train"):
+    carved = not splits.get("valid") and bool(splits.get("train"))
+    if carved:
+        # Training held valid out of train: both are evaluated as training saw them.
         splits = resolve_splits(index, seed, announce=False)
     if not splits.get(split):
         raise UserError(
             f"dataset {data} has no {split!r} split (it has: {', '.join(sorted(splits))})"
         )
-    if split not in index.splits:
-        source = f"held out of train with split_seed {seed}, as training did"
-    elif use_record is not None:
+    if use_record is not None and index.layout == "classes":
         source = f"recorded in {use_record}"
     elif index.layout == "classes":
         source = f"split_seed {seed} and split_ratios {list(ratios)} of the training config"
     else:
         source = "the dataset's split folders"
+    if carved and split in ("train", "valid"):
+        source += f"; valid held out of train with split_seed {seed}, as training did"
     return EvaluationSplit(index, split, splits[split], source)
 
 

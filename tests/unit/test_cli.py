@@ -74,3 +74,14 @@ def test_piped_tables_keep_every_cell_and_json_is_offered():
     # The longest description must appear whole on its row, not cut at 80 columns.
     assert any(lite["description"] in line for line in r.stdout.splitlines())
     assert {m["name"] for m in listed} >= {"tiny_cnn", "resnet50"}
+
+
+def test_piped_data_check_keeps_long_class_names(tmp_path):
+    from helpers import write_dataset
+
+    long_names = ("a_rather_long_class_name_" * 3 + "one", "a_rather_long_class_name_" * 3 + "two")
+    data = write_dataset(tmp_path / "data", classes=long_names, per_class=2)
+    r = visiontune("data", "check", data, env={"COLUMNS": ""})
+    assert r.returncode == 0, r.stderr
+    assert all(name in r.stdout for name in long_names), r.stdout
+    assert "…" not in r.stdout

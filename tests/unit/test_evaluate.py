@@ -106,6 +106,8 @@ def test_a_held_out_valid_split_is_the_one_training_carved(tmp_path):
     chosen = evaluation_split(meta, tmp_path / "nomodel", str(data), "validation")
     assert chosen.split == "valid" and chosen.items == expected
     assert "held out of train" in chosen.source
+    train_items = evaluation_split(meta, tmp_path / "nomodel", str(data), "train").items
+    assert not set(train_items) & set(expected) and len(train_items) + len(expected) == 40
 
 
 def test_cli_table_shows_the_split_source_and_confusions(trained, cli):
