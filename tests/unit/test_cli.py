@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,21 @@ def test_piped_data_check_keeps_long_class_names(tmp_path):
     assert r.returncode == 0, r.stderr
     assert all(name in r.stdout for name in long_names), r.stdout
     assert "…" not in r.stdout
+
+
+def test_shell_completion_completes_commands_and_options():
+    script = Path(sys.executable).parent / "visiontune"
+    if not script.exists():
+        pytest.skip(f"no console script beside {sys.executable} (package not installed)")
+    env = {**os.environ, "_VISIONTUNE_COMPLETE": "complete_bash", "COMP_CWORD": "1"}
+    r = subprocess.run(
+        [script], env={**env, "COMP_WORDS": "visiontune tr"}, capture_output=True, text=True
+    )
+    assert r.stdout.split() == ["train", "transform"], r.stderr
+    r = subprocess.run(
+        [script],
+        env={**env, "COMP_WORDS": "visiontune evaluate --sp", "COMP_CWORD": "2"},
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout.split() == ["--split"], r.stderr
