@@ -43,7 +43,11 @@ def train(
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     precision: str = typer.Option(None, help="auto | fp32 | bf16 | fp16."),
     workers: int = typer.Option(None, help="DataLoader workers (default: CPU count)."),
-    early_stopping: int = typer.Option(None, help="Patience in epochs."),
+    early_stopping: int = typer.Option(
+        None,
+        help="Stop after N epochs without improvement of --monitor (patience). "
+        "(tune prunes whole trials with its own rule.)",
+    ),
     monitor: str = typer.Option(None, help="Metric that picks the best epoch."),
     limit_per_class: int = typer.Option(None, help="Use at most N images per class."),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
