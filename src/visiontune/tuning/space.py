@@ -214,6 +214,9 @@ def _number(name: str, spec: dict[str, Any], key: str, integer: bool) -> float |
     value = spec[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"space: {name}.{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        # YAML reads .inf and .nan as floats; a sampler cannot draw from an unbounded range.
+        raise UserError(f"space: {name}.{key} must be a finite number, got {value!r}")
     if integer:
         if float(value) != int(value):
             raise UserError(f"space: {name}.{key} must be a whole number, got {value!r}")
@@ -254,6 +257,9 @@ def parse_param(key: Any, spec: Any) -> Param:
         bad = [v for v in values if not isinstance(v, str | int | float | bool) and v is not None]
         if bad:
             raise UserError(f"space: {key}.values must be plain values, got {bad[0]!r}")
+        odd = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if odd:
+            raise UserError(f"space: {key}.values must be finite numbers, got {odd[0]!r}")
         return Param(name, "categorical", values=tuple(values))
     integer = kind == "integer"
     low = _number(str(key), spec, "min", integer)
