@@ -41,7 +41,8 @@ def serve(
     ),
 ) -> None:
     """Serve MODEL over HTTP with SageMaker's container contract (/ping, /invocations)."""
-    from visiontune.serving.app import ServeConfig, fetch_model_dir
+    from visiontune.models.artifact import fetch_model_dir
+    from visiontune.serving.app import ServeConfig
     from visiontune.serving.app import serve as run_server
 
     run_server(
@@ -92,6 +93,9 @@ def transform(
     top_k: int = typer.Option(5, help="Classes per image."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     endpoint_url: str | None = typer.Option(None, help="S3-compatible endpoint for s3:// URIs."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start OUTPUT afresh (needed when another model wrote it)."
+    ),
 ) -> None:
     """Batch predictions for every image under INPUT; resumes where a previous run stopped."""
     from visiontune.transform import transform as run_transform
@@ -105,6 +109,7 @@ def transform(
         top_k=top_k,
         device=device,
         endpoint_url=endpoint_url,
+        overwrite=overwrite,
     )
     typer.echo(
         f"{result.predicted} predicted, {result.errors} errors, {result.skipped} already done "

@@ -37,11 +37,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visiontune.errors import UserError
+from visiontune.models.artifact import fetch_model_dir
 from visiontune.serving.batching import BatcherStopped, DynamicBatcher
 from visiontune.serving.handler import (
     DECODERS,
     ENCODERS,
+    JSON,
     BadRequest,
+    ClientClosedRequest,
     Handler,
     ModelError,
     NotReady,
@@ -50,10 +53,13 @@ from visiontune.serving.handler import (
     ServingError,
     UnsupportedContentType,
     current_top_k,
+    default_accept,
     load_user_module,
     media_type,
     negotiate,
 )
+
+__all__ = ["ServeConfig", "create_app", "fetch_model_dir", "serve"]
 
 log = logging.getLogger("visiontune.serving")
 CONFIG_ENV = "VISIONTUNE_SERVE_CONFIG"
@@ -310,7 +316,10 @@ class ServingState:
         self.handler.load()
         size = self.handler.decode.preprocess.input_size
         if self.handler.batched:
-            self._predict_batch([torch.zeros(1, 3, size, size)])
+            (probs,) = self._predict_batch([torch.zeros(1, 3, size, size)])
+            # Encoding the answer too: labels that do not fit the model fail here, not later.
+            if self.handler.info is not None:
+                ENCODERS[JSON](probs, self.handler.info, self.config.top_k)
         else:
             from PIL import Image
 
@@ -362,12 +371,20 @@ async def _read_body(request: Request, limit_mb: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(too_large)
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(too_large)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(too_large)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The caller hung up: nothing failed on our side, and no one reads the answer.
+        raise ClientClosedRequest(
+            f"the client closed the connection after {size} bytes of the body"
+        ) from None
     return b"".join(chunks)
 
 
@@ -379,8 +396,9 @@ def _top_k(request: Request, default: int) -> int:
             raw = value.strip()
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise BadRequest(f"top_k must be a positive integer, got {raw!r}")
+    # isdigit() alone accepts "²" and other non-ASCII digits that int() refuses.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or int(raw) < 1:
+        raise BadRequest(f"top_k must be a positive integer (ASCII digits), got {raw!r}")
     return int(raw)
 
 
@@ -390,7 +408,7 @@ async def _invoke(state: ServingState, request: Request) -> Response:
         raise NotReady(f"the model is not loaded yet{detail}; retry when GET /ping answers 200")
     handler = state.handler
     content_type = media_type(request.headers.get("content-type"))
-    accept = request.headers.get("accept") or "application/json"
+    accept = default_accept(request.headers.get("accept"))
     top_k = _top_k(request, state.config.top_k)
     current_top_k.set(top_k)
     if handler.batched and content_type not in DECODERS:
@@ -454,8 +472,12 @@ def create_app(config: ServeConfig) -> FastAPI:
         title="visiontune endpoint",
         description="SageMaker's inference container contract for a visiontune image classifier.",
         lifespan=lifespan,
+        # FastAPI's own pages load Swagger UI / ReDoc from a CDN: blank on an offline host.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.serving = state
+    _add_offline_docs(app)
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
@@ -566,6 +588,76 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
+def _add_offline_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI served from the ``swagger-ui-bundle`` package, no CDN needed.
+
+    Without that package ``/docs`` is a page linking to ``/openapi.json``.
+    """
+    from fastapi.responses import HTMLResponse
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        swagger_ui_path = None
+
+    if swagger_ui_path is None:
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs_link() -> HTMLResponse:
+            return HTMLResponse(
+                "<!doctype html><title>visiontune endpoint</title>"
+                '<p>The API description is at <a href="/openapi.json">/openapi.json</a> '
+                "(install swagger-ui-bundle for an interactive page).</p>"
+            )
+
+        return
+
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.staticfiles import StaticFiles
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` once, before the model is loaded, so a busy port fails in a second.
+
+    Raises:
+        UserError: the address is in use or cannot be bound.
+    """
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # The same option uvicorn sets: a port in TIME_WAIT is free, a listening one is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UserError(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; is another server using "
+                "it? Stop it or choose another --port"
+            ) from None
+
+
 def create_app_from_env() -> FastAPI:
     """App factory for uvicorn worker processes: the config travels as JSON in the environment."""
     return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])))
@@ -580,6 +672,7 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     config.check()
+    check_port_free(config.host, config.port)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -590,6 +683,8 @@ def serve(config: ServeConfig) -> None:
         "log_level": "info",
         "timeout_graceful_shutdown": config.graceful_timeout_s,
         "timeout_keep_alive": 75,  # longer than typical load-balancer idle timeouts
+        # A string, not the class: worker processes import it (a class would be pickled).
+        "http": "visiontune.serving.protocol:JsonErrorProtocol",
     }
     if config.workers == 1:
         uvicorn.run(create_app(config), **common)
@@ -598,23 +693,3 @@ def serve(config: ServeConfig) -> None:
     uvicorn.run(
         "visiontune.serving.app:create_app_from_env", factory=True, workers=config.workers, **common
     )
-
-
-def fetch_model_dir(uri: str, endpoint_url: str | None = None) -> str:
-    """A local copy of a model directory: local paths as they are, ``s3://`` copied to the cache.
-
-    The copy goes to ``$VISIONTUNE_HOME/models/<hash of the URI>`` and is refreshed on every
-    start (a model directory is small next to the time it takes to load it).
-
-    Raises:
-        UserError: the bucket or prefix does not exist, or credentials are missing.
-    """
-    import hashlib
-
-    from visiontune.uri import download_tree, is_remote, visiontune_home
-
-    if not is_remote(uri):
-        return uri
-    local = visiontune_home() / "models" / hashlib.sha1(uri.encode()).hexdigest()[:16]
-    download_tree(uri, local, endpoint_url)
-    return str(local)

@@ -79,6 +79,12 @@ class NotAcceptable(ServingError):
     status = 406
 
 
+class ClientClosedRequest(ServingError):
+    """The client hung up before sending its whole body (nginx's 499: not a server error)."""
+
+    status = 499
+
+
 class ModelError(ServingError):
     status = 500
 
@@ -128,6 +134,8 @@ def decode_json_body(body: bytes, opts: DecodeOptions) -> torch.Tensor:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON ({e}); {shape}") from None
+    except RecursionError:
+        raise BadRequest(f"the JSON body is nested too deeply; {shape}") from None
     instances = doc.get("instances") if isinstance(doc, dict) else None
     if not isinstance(instances, list) or not instances:
         raise BadRequest(f"no images in the JSON body; {shape}")
@@ -221,6 +229,20 @@ ENCODERS: dict[str, Callable[[torch.Tensor, Any, int], bytes]] = {
 }
 
 
+def default_accept(accept: str | None) -> str:
+    """The Accept a handler's ``output_fn`` sees: a missing or ``*/*`` one means JSON.
+
+    SageMaker's inference toolkit does the same, so a seed-style ``output_fn`` that checks
+    ``accept == "application/json"`` works with curl, which sends ``*/*``.
+    """
+    if not accept or not accept.strip():
+        return JSON
+    ranges = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    if ranges <= {"*/*", ""}:
+        return JSON
+    return accept
+
+
 def negotiate(accept: str | None) -> str:
     """Pick the response type for an ``Accept`` header; raise 406 when none is supported.
 
@@ -254,9 +276,19 @@ def negotiate(accept: str | None) -> str:
 # ------------------------------------------------------------------------------- the handler
 
 
+# Handlers imported in this process, by resolved path: a module runs its top level once.
+_USER_MODULES: dict[Path, Any] = {}
+
+
 def load_user_module(path: str | os.PathLike) -> Any:
-    """Import a user's ``inference.py`` (its folder goes on ``sys.path`` for its own imports)."""
+    """Import a user's ``inference.py`` once per process (its folder goes on ``sys.path``).
+
+    Checking the options and building the app both need the module; importing it twice would
+    run its top level (often a slow model download or a print) twice.
+    """
     path = Path(path).resolve()
+    if path in _USER_MODULES:
+        return _USER_MODULES[path]
     if not path.is_file():
         raise UserError(f"handler file not found: {path}")
     folder = str(path.parent)
@@ -272,6 +304,7 @@ def load_user_module(path: str | os.PathLike) -> Any:
         raise UserError(f"importing {path} failed: {type(e).__name__}: {e}") from e
     if not any(callable(getattr(module, step, None)) for step in STEPS):
         raise UserError(f"{path} defines none of {', '.join(STEPS)}; nothing to override")
+    _USER_MODULES[path] = module
     return module
 
 
@@ -374,7 +407,7 @@ class Handler:
             data = self.input_fn(body, content_type)
         except ServingError:
             raise
-        except (ValueError, TypeError, OSError) as e:  # what a handler raises for bad input
+        except (ValueError, TypeError, OSError, RecursionError) as e:  # a handler's bad input
             raise BadRequest(f"input_fn rejected the request: {type(e).__name__}: {e}") from None
         except Exception as e:
             raise ModelError(f"error in input_fn: {type(e).__name__}: {e}") from e
