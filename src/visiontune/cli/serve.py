@@ -30,6 +30,12 @@ def serve(
     top_k: int = typer.Option(5, help="Classes per image unless the request asks otherwise."),
     max_body_mb: float = typer.Option(6.0, help="Request body limit in MB (413 above it)."),
     request_timeout: float = typer.Option(60.0, help="Seconds before a request gets 504."),
+    max_instances: int = typer.Option(
+        64, help="Most images in one request (413 above); predicted in --max-batch-size batches."
+    ),
+    max_request_pixels: int = typer.Option(
+        100_000_000, help="Most pixels of all a request's images together (413 above)."
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 where supported), fp32 or bf16."),
     threads: int | None = typer.Option(None, help="Inference threads per worker (default: cores)."),
@@ -58,6 +64,8 @@ def serve(
             top_k=top_k,
             max_body_mb=max_body_mb,
             request_timeout_s=request_timeout,
+            max_instances=max_instances,
+            max_request_pixels=max_request_pixels,
             device=device,
             precision=precision,
             threads=threads,

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,8 @@ from visiontune.models.artifact import fetch_model_dir
 from visiontune.serving.batching import BatcherStopped, DynamicBatcher
 from visiontune.serving.handler import (
     DECODERS,
+    DEFAULT_MAX_INSTANCES,
+    DEFAULT_MAX_REQUEST_PIXELS,
     ENCODERS,
     JSON,
     BadRequest,
@@ -82,6 +85,11 @@ class ServeConfig:
             ``X-Amzn-SageMaker-Custom-Attributes`` header or the query string).
         max_body_mb: the body size limit (SageMaker's real-time limit is 6 MB).
         max_image_pixels: images with more pixels are refused (decompression bombs).
+        max_instances: the most images in one request (413 above it); a request's images are
+            predicted in batches of at most ``max_batch_size``.
+        max_request_pixels: the most pixels of all a request's images together (413 above it).
+        max_waiting: the most requests being decoded or waiting for a decoder; more get 503 at
+            once, so the time in queue and the memory held by waiting bodies stay bounded.
         request_timeout_s: a request still unanswered after this gets 504.
         device, precision, threads: passed to the runtime (threads: per worker process).
         decode_threads: threads decoding images (default: one per core).
@@ -100,6 +108,9 @@ class ServeConfig:
     top_k: int = 5
     max_body_mb: float = 6.0
     max_image_pixels: int | None = None
+    max_instances: int = DEFAULT_MAX_INSTANCES
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    max_waiting: int = 256
     request_timeout_s: float = 60.0
     device: str = "auto"
     precision: str = "auto"
@@ -122,6 +133,9 @@ class ServeConfig:
             ("--workers", self.workers, 1),
             ("--top-k", self.top_k, 1),
             ("--port", self.port, 0),
+            ("--max-instances", self.max_instances, 1),
+            ("--max-request-pixels", self.max_request_pixels, 1),
+            ("--max-waiting", self.max_waiting, 1),
         ):
             if value < low:
                 raise UserError(f"{name} must be at least {low}, got {value}")
@@ -282,6 +296,8 @@ class ServingState:
             threads=config.threads or max(1, cores // config.workers),
             max_pixels=config.max_image_pixels,
             top_k=config.top_k,
+            max_instances=config.max_instances,
+            max_request_pixels=config.max_request_pixels,
         )
         self.decode_pool = ThreadPoolExecutor(
             config.decode_threads or cores, thread_name_prefix="visiontune-decode"
@@ -301,6 +317,9 @@ class ServingState:
         self.load_error: str | None = None
         self.known_paths: set[str] = set()
         self._load_task: asyncio.Future | None = None
+        # Requests being decoded or waiting for a decoder (bounded by config.max_waiting);
+        # only the event loop changes it.
+        self.decoding = 0
 
     def _predict_batch(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
         batch = items[0] if len(items) == 1 else torch.cat(items)
@@ -428,14 +447,34 @@ async def _invoke(state: ServingState, request: Request) -> Response:
         return Response(answer, media_type=response_type)
 
     decoder = DECODERS[content_type]
+    if state.decoding >= state.config.max_waiting:
+        raise NotReady(
+            f"the server is busy ({state.decoding} requests are being decoded or wait for it); "
+            "retry shortly or add workers"
+        )
+    # Set when this request times out: a decoder that already started stops at the next image,
+    # and one that has not started yet is cancelled with its future.
+    cancel = threading.Event()
     state.batcher.announce()
+    state.decoding += 1
     try:
-        batch = await loop.run_in_executor(state.decode_pool, decoder, body, handler.decode)
+        batch = await loop.run_in_executor(
+            state.decode_pool, decoder, body, handler.decode.for_request(cancel)
+        )
     except BaseException:
+        cancel.set()
         state.batcher.withdraw()
         raise
+    finally:
+        state.decoding -= 1
+    # No batch larger than --max-batch-size, whatever one request holds.
+    parts = torch.split(batch, state.config.max_batch_size)
     try:
-        probs, batch_size = await state.batcher.submit(batch, announced=True)
+        answers = await asyncio.gather(
+            *(state.batcher.submit(part, announced=i == 0) for i, part in enumerate(parts))
+        )
+        probs = answers[0][0] if len(answers) == 1 else torch.cat([a[0] for a in answers])
+        batch_size = max(a[1] for a in answers)
     except BatcherStopped as e:
         raise NotReady(str(e)) from None
     except ServingError:
