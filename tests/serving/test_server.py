@@ -286,3 +286,41 @@ def test_predict_endpoint_prints_a_custom_handlers_answer(tmp_path, image_bytes,
     assert result["response"] == {"bytes": image.stat().st_size, "verdict": "custom"}
     line = describe_result(result)
     assert line.startswith(f"{image}: ") and '"verdict": "custom"' in line
+
+
+def test_half_sent_requests_are_closed_by_the_header_timeout_and_ping_answers_meanwhile(
+    model_dir, start_server
+):
+    import selectors
+
+    proc = start_server([str(model_dir), "--header-timeout", "2", "--access-log", "off"])
+    proc.wait_ready()
+    sockets = []
+    try:
+        for _ in range(300):  # a slowloris burst: headers started, never finished
+            s = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            sockets.append(s)
+        assert httpx.get(f"{proc.url}/ping", timeout=10).status_code == 200
+        answers: dict[socket.socket, bytes] = {s: b"" for s in sockets}
+        selector = selectors.DefaultSelector()
+        for s in sockets:
+            s.setblocking(False)
+            selector.register(s, selectors.EVENT_READ)
+        open_ = set(sockets)
+        deadline = time.monotonic() + 60
+        while open_ and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=1):
+                chunk = key.fileobj.recv(4096)
+                answers[key.fileobj] += chunk
+                if not chunk:  # the server closed it
+                    selector.unregister(key.fileobj)
+                    open_.discard(key.fileobj)
+        assert not open_, f"{len(open_)} of 300 half-sent requests still open"
+        first = next(iter(answers.values()))
+        assert first.startswith(b"HTTP/1.1 408"), first
+        assert b'"error"' in first and b"2 s" in first
+        assert httpx.get(f"{proc.url}/ping", timeout=10).status_code == 200
+    finally:
+        for s in sockets:
+            s.close()

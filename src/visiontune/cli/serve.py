@@ -36,6 +36,13 @@ def serve(
     max_request_pixels: int = typer.Option(
         100_000_000, help="Most pixels of all a request's images together (413 above)."
     ),
+    header_timeout: float = typer.Option(
+        10.0, help="Seconds for a request's headers to arrive (408 and closed after)."
+    ),
+    body_timeout: float = typer.Option(
+        60.0, help="Seconds for a request's body to arrive after its headers."
+    ),
+    max_connections: int = typer.Option(1000, help="Open connections above this are answered 503."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 where supported), fp32 or bf16."),
     threads: int | None = typer.Option(None, help="Inference threads per worker (default: cores)."),
@@ -66,6 +73,9 @@ def serve(
             request_timeout_s=request_timeout,
             max_instances=max_instances,
             max_request_pixels=max_request_pixels,
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            max_connections=max_connections,
             device=device,
             precision=precision,
             threads=threads,

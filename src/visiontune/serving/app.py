@@ -61,11 +61,15 @@ from visiontune.serving.handler import (
     media_type,
     negotiate,
 )
+from visiontune.serving.protocol import (
+    CONFIG_ENV,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+)
 
 __all__ = ["ServeConfig", "create_app", "fetch_model_dir", "serve"]
 
 log = logging.getLogger("visiontune.serving")
-CONFIG_ENV = "VISIONTUNE_SERVE_CONFIG"
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
 
 
@@ -91,6 +95,10 @@ class ServeConfig:
         max_waiting: the most requests being decoded or waiting for a decoder; more get 503 at
             once, so the time in queue and the memory held by waiting bodies stay bounded.
         request_timeout_s: a request still unanswered after this gets 504.
+        header_timeout_s: a connection whose request headers are not complete after this gets
+            408 and is closed (slow or stalled clients cannot hold connections).
+        body_timeout_s: the longest the body may take to arrive after its headers.
+        max_connections: open connections (and requests in progress) above this get 503.
         device, precision, threads: passed to the runtime (threads: per worker process).
         decode_threads: threads decoding images (default: one per core).
         access_log: ``-`` for stderr, a file path, or ``None`` to turn it off.
@@ -112,6 +120,9 @@ class ServeConfig:
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     max_waiting: int = 256
     request_timeout_s: float = 60.0
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_connections: int = 1000
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
@@ -136,11 +147,14 @@ class ServeConfig:
             ("--max-instances", self.max_instances, 1),
             ("--max-request-pixels", self.max_request_pixels, 1),
             ("--max-waiting", self.max_waiting, 1),
+            ("--max-connections", self.max_connections, 1),
         ):
             if value < low:
                 raise UserError(f"{name} must be at least {low}, got {value}")
         if self.max_batch_delay_ms < 0 or self.max_body_mb <= 0 or self.request_timeout_s <= 0:
             raise UserError("--max-batch-delay-ms must be >= 0; body limit and timeout > 0")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise UserError("--header-timeout and --body-timeout must be > 0 seconds")
         if self.runtime not in RUNTIMES:
             raise UserError(f"unknown runtime {self.runtime!r}; use one of {', '.join(RUNTIMES)}")
         if not Path(self.model_dir).is_dir():
@@ -722,13 +736,15 @@ def serve(config: ServeConfig) -> None:
         "log_level": "info",
         "timeout_graceful_shutdown": config.graceful_timeout_s,
         "timeout_keep_alive": 75,  # longer than typical load-balancer idle timeouts
+        "limit_concurrency": config.max_connections,
         # A string, not the class: worker processes import it (a class would be pickled).
         "http": "visiontune.serving.protocol:JsonErrorProtocol",
     }
+    # Worker processes build their app from it, and the HTTP protocol reads its timeouts there.
+    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
     if config.workers == 1:
         uvicorn.run(create_app(config), **common)
         return
-    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
     uvicorn.run(
         "visiontune.serving.app:create_app_from_env", factory=True, workers=config.workers, **common
     )
