@@ -115,7 +115,7 @@ def transform(
     input_uri: str,
     output_uri: str,
     *,
-    runtime: str = "torch",
+    runtime: str = "auto",
     batch_size: int = 32,
     top_k: int = 5,
     device: str = "auto",
@@ -129,7 +129,7 @@ def transform(
         model_dir: a visiontune model directory (local or ``s3://``).
         input_uri: a folder or ``s3://`` prefix of images (searched recursively).
         output_uri: a folder or ``s3://`` prefix; ``predictions.jsonl`` is written there.
-        runtime: ``torch`` or ``onnx``.
+        runtime: ``auto`` (onnxruntime on CPU when installed, else torch), ``torch`` or ``onnx``.
         batch_size: images predicted together (and written together).
         top_k: classes per image.
         device: ``auto``, ``cpu`` or ``cuda``.

@@ -18,7 +18,10 @@ def serve(
     model: str = typer.Argument(..., help="Model directory (local or s3://) to serve."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for all)."),
     port: int = typer.Option(8080, help="Port to listen on (SageMaker uses 8080)."),
-    runtime: str = typer.Option("torch", help="Inference runtime: torch or onnx."),
+    runtime: str = typer.Option(
+        "auto",
+        help="Inference runtime: auto (onnx on CPU when installed, else torch), torch, onnx.",
+    ),
     handler: Path | None = typer.Option(
         None, "--handler", help="A SageMaker-style inference.py overriding model_fn/input_fn/..."
     ),
@@ -106,7 +109,7 @@ def transform(
     output: str = typer.Option(
         ..., "--output", help="Folder or s3:// prefix for predictions.jsonl."
     ),
-    runtime: str = typer.Option("torch", help="torch or onnx."),
+    runtime: str = typer.Option("auto", help="auto (onnx on CPU when installed), torch or onnx."),
     batch_size: int = typer.Option(32, help="Images predicted (and written) together."),
     top_k: int = typer.Option(5, help="Classes per image."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

@@ -80,7 +80,7 @@ class ServeConfig:
     Attributes:
         model_dir: a local model directory (``s3://`` is resolved to a local copy first).
         host, port: where to listen.
-        runtime: ``torch`` or ``onnx``.
+        runtime: ``auto`` (onnxruntime on CPU when installed, else torch), ``torch`` or ``onnx``.
         handler: a SageMaker-style ``inference.py`` overriding some steps, or ``None``.
         max_batch_size: the most images predicted together.
         max_batch_delay_ms: the longest a request waits for others to share its batch.
@@ -108,7 +108,7 @@ class ServeConfig:
     model_dir: str
     host: str = "127.0.0.1"
     port: int = 8080
-    runtime: str = "torch"
+    runtime: str = "auto"
     handler: str | None = None
     max_batch_size: int = 32
     max_batch_delay_ms: float = 10.0
@@ -137,7 +137,7 @@ class ServeConfig:
     def check(self) -> ServeConfig:
         """Fail in the first second on a bad value, a missing handler or a non-model dir."""
         from visiontune.models.artifact import read_meta
-        from visiontune.serving.runtimes import RUNTIMES
+        from visiontune.serving.runtimes import resolve_runtime
 
         for name, value, low in (
             ("--max-batch-size", self.max_batch_size, 1),
@@ -155,8 +155,7 @@ class ServeConfig:
             raise UserError("--max-batch-delay-ms must be >= 0; body limit and timeout > 0")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise UserError("--header-timeout and --body-timeout must be > 0 seconds")
-        if self.runtime not in RUNTIMES:
-            raise UserError(f"unknown runtime {self.runtime!r}; use one of {', '.join(RUNTIMES)}")
+        resolve_runtime(self.runtime, self.device, self.precision)
         if not Path(self.model_dir).is_dir():
             raise UserError(f"model directory not found: {self.model_dir}")
         custom_model = False
@@ -364,7 +363,8 @@ class ServingState:
                 log.warning("warm-up request through the custom handler failed: %s", e)
         self.ready = True
         self.metrics.ready.set(1)
-        log.info("model loaded and warmed up; /ping answers 200")
+        runtime = getattr(self.handler.model, "name", type(self.handler.model).__name__)
+        log.info("model loaded (runtime %s) and warmed up; /ping answers 200", runtime)
 
     async def start(self) -> None:
         self.batcher.start()

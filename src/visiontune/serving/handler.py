@@ -381,7 +381,7 @@ class Handler:
     Args:
         model_dir: the directory given to ``model_fn``.
         module: a user's imported ``inference.py``, or ``None`` for all defaults.
-        runtime: the default ``model_fn``'s runtime name (``torch`` / ``onnx``).
+        runtime: the default ``model_fn``'s runtime name (``auto``, ``torch`` or ``onnx``).
         device, precision, threads: passed to the runtime.
         max_pixels: the image pixel limit of the default ``input_fn``.
         top_k: default number of classes per image in answers.
@@ -393,7 +393,7 @@ class Handler:
         model_dir: str | os.PathLike,
         module: Any = None,
         *,
-        runtime: str = "torch",
+        runtime: str = "auto",
         device: str = "auto",
         precision: str = "auto",
         threads: int | None = None,
