@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=float, default=60)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--runtime", default="torch", help="runtime of the batched server")
+    parser.add_argument("--runtime", default="auto", help="runtime of the batched server")
     parser.add_argument("--serve-args", default="", help="extra options for visiontune serve")
     parser.add_argument("--skip-naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--naive-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)

@@ -324,3 +324,34 @@ def test_half_sent_requests_are_closed_by_the_header_timeout_and_ping_answers_me
     finally:
         for s in sockets:
             s.close()
+
+
+def test_boto3_invoke_endpoint_works_by_changing_endpoint_url_only(server, image_bytes, classes):
+    boto3 = pytest.importorskip("boto3", reason="boto3 is a test dependency (dev extra)")
+    client = boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=server.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",  # SigV4 signs the request; the endpoint ignores it
+        aws_secret_access_key="testing",
+    )
+    response = client.invoke_endpoint(
+        EndpointName="colours",
+        Body=image_bytes(3),
+        ContentType="image/jpeg",
+        Accept="application/json",
+        CustomAttributes="top_k=2",
+    )
+    assert response["ContentType"].startswith("application/json")
+    assert response["CustomAttributes"] == "top_k=2"
+    answer = json.loads(response["Body"].read())
+    assert len(answer["predictions"][0]) == 2
+    assert answer["predictions"][0][0]["label"] in classes
+
+    with pytest.raises(client.exceptions.ModelError) as caught:
+        client.invoke_endpoint(
+            EndpointName="colours", Body=image_bytes(3)[:200], ContentType="image/jpeg"
+        )
+    error = caught.value.response
+    assert error["OriginalStatusCode"] == 400
+    assert "cannot decode the image" in error["Error"]["Message"]

@@ -395,6 +395,28 @@ def _error(status: int, message: str, request: Request) -> JSONResponse:
     return JSONResponse({"error": message, "request_id": request_id}, status_code=status)
 
 
+def _runtime_api_error(status: int, message: str, request: Request) -> JSONResponse:
+    """An error as the SageMaker Runtime API sends it, so botocore raises its ``ModelError``.
+
+    SageMaker answers 424 with ``x-amzn-ErrorType: ModelError`` for any error status of the
+    container, and keeps that status and message as ``OriginalStatusCode`` / ``OriginalMessage``.
+    """
+    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    return JSONResponse(
+        {
+            "message": f'Received client error ({status}) from primary with message "{message}"'
+            if status < 500
+            else f'Received server error ({status}) from primary with message "{message}"',
+            "OriginalStatusCode": status,
+            "OriginalMessage": message,
+            "error": message,
+            "request_id": request_id,
+        },
+        status_code=424,
+        headers={"x-amzn-ErrorType": "ModelError", "x-amzn-RequestId": request_id},
+    )
+
+
 async def _read_body(request: Request, limit_mb: float) -> bytes:
     limit = int(limit_mb * 1024 * 1024)
     too_large = (
@@ -534,6 +556,8 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
+        if request.url.path.startswith("/endpoints/"):
+            return _runtime_api_error(exc.status, str(exc), request)
         return _error(exc.status, str(exc), request)
 
     @app.exception_handler(StarletteHTTPException)
@@ -621,6 +645,21 @@ def create_app(config: ServeConfig) -> FastAPI:
         except Exception as e:  # a bug: logged with its traceback, answered as 500
             log.exception("request %s failed", getattr(request.state, "request_id", "?"))
             raise ModelError(f"internal error: {type(e).__name__}: {e}") from e
+
+    @app.post(
+        "/endpoints/{endpoint_name}/invocations",
+        summary="Predict, as the SageMaker Runtime API's InvokeEndpoint (boto3 invoke_endpoint)",
+        openapi_extra=invocation_body,
+    )
+    async def invoke_endpoint(endpoint_name: str, request: Request) -> Response:
+        # boto3's sagemaker-runtime client with endpoint_url set to this server lands here;
+        # the name is not checked (one server, one model), SigV4 headers are ignored.
+        response = await invocations(request)
+        response.headers["x-Amzn-Invoked-Production-Variant"] = "AllTraffic"
+        custom = request.headers.get(CUSTOM_ATTRIBUTES)
+        if custom is not None:
+            response.headers["X-Amzn-SageMaker-Custom-Attributes"] = custom
+        return response
 
     @app.get("/execution-parameters", summary="What SageMaker batch transform should send")
     async def execution_parameters() -> dict[str, Any]:
