@@ -105,3 +105,35 @@ def test_a_request_that_times_out_stops_decoding_and_the_next_one_is_answered(
         # Today the decoder goes on for the seconds left and this request times out too.
         after = post(client, image_bytes(0), "image/jpeg")
         assert after.status_code == 200, after.text
+
+
+def test_requests_beyond_the_decode_queue_bound_get_503_at_once(model_dir, image_bytes):
+    import threading
+
+    config = ServeConfig(
+        str(model_dir),
+        access_log=None,
+        decode_threads=1,
+        max_waiting=1,
+        max_instances=500,
+        max_request_pixels=10**10,
+    )
+    heavy = instances(*[png(2000)] * 40)  # a few seconds of decoding
+    for client in started(config):
+        state = client.app.state.serving
+        first: list = []
+
+        def send_heavy(client=client, first=first) -> None:
+            first.append(post(client, heavy, "application/json"))
+
+        worker = threading.Thread(target=send_heavy)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while state.decoding == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state.decoding == 1
+        busy = post(client, image_bytes(0), "image/jpeg")
+        assert_error(busy, 503, "busy")
+        assert client.get("/ping").status_code == 200  # /ping stays cheap
+        worker.join(120)
+        assert first and first[0].status_code == 200
