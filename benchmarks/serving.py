@@ -221,6 +221,17 @@ def single_image_latency(model_dir: Path, image: bytes, repeats: int) -> dict[st
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (figures mean little without it)."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15, help="load per concurrency level")
@@ -243,6 +254,7 @@ def main() -> None:
     images, source = load_images(args.images)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"model efficientnet_lite0 (ImageNet weights), {source}, {cores} CPU cores")
+    print(f"CPU: {cpu_model()}; batched server runtime: {args.runtime}")
     print(f"load average before: {os.getloadavg()[0]:.2f}\n")
 
     print("single-image latency (median ms, one preprocessed 224 px image, in-process):")
