@@ -752,7 +752,14 @@ def check_port_free(host: str, port: int) -> None:
 
 def create_app_from_env() -> FastAPI:
     """App factory for uvicorn worker processes: the config travels as JSON in the environment."""
+    _log_to_stderr()  # a spawned worker starts with no logging set up
     return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])))
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def serve(config: ServeConfig) -> None:
@@ -765,9 +772,7 @@ def serve(config: ServeConfig) -> None:
 
     config.check()
     check_port_free(config.host, config.port)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _log_to_stderr()
     common = {
         "host": config.host,
         "port": config.port,
