@@ -94,14 +94,14 @@ def test_a_request_that_times_out_stops_decoding_and_the_next_one_is_answered(
     config = ServeConfig(
         str(model_dir),
         access_log=None,
-        request_timeout_s=2,
+        request_timeout_s=3,
         decode_threads=1,  # one decoder: it must be free again soon after the timeout
         max_instances=500,
         max_request_pixels=10**10,
     )
     heavy = instances(*[png(2000)] * 150)  # ~0.1 s of decoding each, ~15 s in all
     for client in started(config):
-        assert_error(post(client, heavy, "application/json"), 504, "no answer within 2 s")
+        assert_error(post(client, heavy, "application/json"), 504, "no answer within 3 s")
         # Today the decoder goes on for the seconds left and this request times out too.
         after = post(client, image_bytes(0), "image/jpeg")
         assert after.status_code == 200, after.text
