@@ -12,9 +12,10 @@ same runtimes as ``visiontune serve``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,35 @@ def _local_output(folder: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _progress_bar(total: int, *, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over ``total`` images on stderr; ``advance(n)`` moves it."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("transform"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("transform", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -122,6 +152,7 @@ def transform(
     precision: str = "auto",
     endpoint_url: str | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> TransformResult:
     """Predict every image under ``input_uri`` and append the answers to ``output_uri``.
 
@@ -137,6 +168,7 @@ def transform(
         endpoint_url: S3-compatible endpoint for ``s3://`` URIs.
         overwrite: start the output afresh instead of resuming it (needed when it holds
             another model's predictions).
+        progress: show a progress bar (images done, rate, time left) on stderr.
 
     Returns:
         Counts of predicted, failed and skipped (already done) images.
@@ -208,7 +240,11 @@ def transform(
 
     predicted = errors = 0
     chunks = list(_chunks(todo, batch_size))
-    with ThreadPoolExecutor(available_cores()) as pool, open(local, "a") as out:
+    with (
+        ThreadPoolExecutor(available_cores()) as pool,
+        open(local, "a") as out,
+        _progress_bar(len(todo), enabled=progress) as advance,
+    ):
 
         def submit(i: int):
             return [pool.submit(decode, f) for f, _ in chunks[i]] if i < len(chunks) else []
@@ -241,6 +277,7 @@ def transform(
             if remote_output:
                 with storage_errors(output_uri, endpoint_url):
                     out_fs.put(str(local), remote_file)
+            advance(len(chunk))
     return TransformResult(
         output=join(output_uri, OUTPUT_FILE), predicted=predicted, errors=errors, skipped=len(done)
     )

@@ -96,9 +96,13 @@ def export(
     ),
 ) -> None:
     """Export MODEL to ONNX or TorchScript (dynamic batch axis)."""
+    from rich.console import Console
+
     from visiontune.export import export_model
 
-    path = export_model(model, format, output)
+    # A spinner on a terminal: exporting a large backbone takes tens of seconds.
+    with Console(stderr=True).status(f"exporting {model} to {format}"):
+        path = export_model(model, format, output)
     typer.echo(f"wrote {path}")
 
 
@@ -117,6 +121,7 @@ def transform(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start OUTPUT afresh (needed when another model wrote it)."
     ),
+    progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
 ) -> None:
     """Batch predictions for every image under INPUT; resumes where a previous run stopped."""
     from visiontune.transform import transform as run_transform
@@ -131,6 +136,7 @@ def transform(
         device=device,
         endpoint_url=endpoint_url,
         overwrite=overwrite,
+        progress=progress,
     )
     typer.echo(
         f"{result.predicted} predicted, {result.errors} errors, {result.skipped} already done "
