@@ -68,7 +68,15 @@ def tune(
     warm_start: list[str] = typer.Option(None, "--warm-start", help="Earlier study name or dir."),
     max_retry: int = typer.Option(2, "--max-retry", help="Retries of a trial whose worker died."),
     heartbeat: int = typer.Option(10, help="Seconds between trial heartbeats."),
-    train_best: bool = typer.Option(False, "--train-best", help="Then train STUDY_DIR/best."),
+    train_best: bool = typer.Option(
+        False, "--train-best", help="Then train STUDY_DIR/best (again, if the best changed)."
+    ),
+    keep_checkpoints: str = typer.Option(
+        "models",
+        "--keep-checkpoints",
+        help="What finished trials keep: models (of complete and pruned trials; checkpoints "
+        "dropped) | best (the best trial's model only) | all | none.",
+    ),
     seed: int = typer.Option(None, help="Seed of training and of the sampler."),
     model: str = typer.Option(None, help="Backbone (fixed)."),
     weights: str = typer.Option(None, help="imagenet | none | PATH (fixed)."),
@@ -135,6 +143,7 @@ def tune(
             seed=seed,
             warm_start=list(warm_start or []),
             train_best=train_best,
+            keep_checkpoints=keep_checkpoints,
         )
     except Exception as e:  # pydantic: a bad --strategy or --direction
         from pydantic import ValidationError
