@@ -228,24 +228,32 @@ def status(
     if json_out:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from visiontune.tuning.trials import CELL_HEADERS
 
     cfg = study_config(s)
     table = Table(
-        "#",
-        "state",
-        "params",
-        cfg["objective"],
-        "epochs",
-        "duration",
-        "pruned at",
-        "note",
-        title=f"study {study} ({cfg['direction']} {cfg['objective']}, budget {cfg['max_trials']})",
+        title=f"study {study} ({cfg['direction']} {cfg['objective']}, budget {cfg['max_trials']})"
     )
+    for header in CELL_HEADERS:
+        # Long cells fold onto more lines in a narrow terminal instead of losing their end.
+        table.add_column(cfg["objective"] if header == "objective" else header, overflow="fold")
     for r in rows:
         table.add_row(*trial_cells(r))
-    Console().print(table)
+    _table_console().print(table)
+
+
+def _table_console():
+    """A terminal gets tables at its width; a pipe or file gets them whole, at the width they
+    need (rich would otherwise assume 80 columns and cut them)."""
+    import sys
+
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=100_000, soft_wrap=False)
 
 
 @tune_app.command()
