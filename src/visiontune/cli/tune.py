@@ -10,6 +10,9 @@ from typing import Any
 import typer
 
 from visiontune.cli import app
+from visiontune.tuning._base import STUDIES_ROOT  # names only: no optuna, no torch
+
+_STUDY_DIR_HELP = f"Default: {STUDIES_ROOT}/STUDY."
 
 _HELP = """Tune hyperparameters: every trial is a training run (an Optuna study).
 
@@ -61,7 +64,7 @@ def tune(
     strategy: str = typer.Option("bayesian", help="bayesian (TPE) | random | grid | hyperband."),
     early_stopping: str = typer.Option("off", "--early-stopping", help="off | auto (median rule)."),
     study: str = typer.Option("visiontune", "--study", help="Study name."),
-    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    study_dir: Path = typer.Option(None, "--study-dir", help=_STUDY_DIR_HELP),
     storage: str = typer.Option(None, help="postgresql://... (default: STUDY_DIR/journal.log)."),
     timeout: float = typer.Option(None, help="Stop starting trials after this many seconds."),
     resume: bool = typer.Option(False, "--resume", help="Continue the study (the default anyway)."),
@@ -193,7 +196,9 @@ def worker(
     study: str = typer.Option(..., "--study", help="Study name."),
     storage: str = typer.Option(None, help="Shared storage URL (default: STUDY_DIR/journal.log)."),
     study_dir: Path = typer.Option(
-        None, "--study-dir", help="Where this machine writes trial runs (default studies/STUDY)."
+        None,
+        "--study-dir",
+        help=f"Where this machine writes trial runs (default {STUDIES_ROOT}/STUDY).",
     ),
     heartbeat: int = typer.Option(10, help="Seconds between trial heartbeats."),
     timeout: float = typer.Option(None, help="Stop starting trials after this many seconds."),
@@ -215,7 +220,7 @@ def worker(
 def status(
     study: str = typer.Argument(..., help="Study name."),
     storage: str = typer.Option(None, help="Storage URL (default: STUDY_DIR/journal.log)."),
-    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    study_dir: Path = typer.Option(None, "--study-dir", help=_STUDY_DIR_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the trials as JSON."),
 ) -> None:
     """A table of the study's trials: state, params, objective, epochs, duration, pruning."""
@@ -260,7 +265,7 @@ def _table_console():
 def best(
     study: str = typer.Argument(..., help="Study name."),
     storage: str = typer.Option(None, help="Storage URL (default: STUDY_DIR/journal.log)."),
-    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    study_dir: Path = typer.Option(None, "--study-dir", help=_STUDY_DIR_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     train_best: bool = typer.Option(False, "--train-best", help="Train STUDY_DIR/best with them."),
 ) -> None:
@@ -293,7 +298,7 @@ def report(
     study: str = typer.Argument(..., help="Study name."),
     output: Path = typer.Option(None, "--output", "-o", help="Default: STUDY_DIR/report.html."),
     storage: str = typer.Option(None, help="Storage URL (default: STUDY_DIR/journal.log)."),
-    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    study_dir: Path = typer.Option(None, "--study-dir", help=_STUDY_DIR_HELP),
 ) -> None:
     """Write the self-contained HTML tuning report (plots work offline)."""
     from visiontune.tuning.report import write_report
