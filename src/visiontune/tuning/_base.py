@@ -28,6 +28,9 @@ METRICS = (
 )
 COUNTED = ("COMPLETE", "PRUNED")  # trial states that use up the budget
 
+# What finished trials keep on disk (--keep-checkpoints); the first is the default.
+KEEP_CHOICES = ("models", "best", "all", "none")
+
 # Trial user attributes (written by the objective and the workers, read by status and report).
 RUN_DIR = "run_dir"
 MODEL_DIR = "model_dir"
