@@ -49,6 +49,7 @@ def train(
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
     checkpoint_every_steps: int = typer.Option(None, help="Also checkpoint every N steps."),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: KEY=VALUE."),
+    debug: bool = typer.Option(False, "--debug", help="Turn the debugger on (docs/debugging.md)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     from visiontune.config import TrainConfig, build_config, parse_overrides
@@ -73,6 +74,10 @@ def train(
         if data is None and config is None:
             raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
         cfg = build_config(TrainConfig, config, flags)
+    if debug:
+        from visiontune.debug.config import DebuggerConfig
+
+        cfg.debugger = (cfg.debugger or DebuggerConfig()).model_copy(update={"enabled": True})
     try:
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:
