@@ -586,8 +586,8 @@ class ClassImbalance(BuiltinRule):
     def __init__(self, *a: Any, **k: Any):
         super().__init__(*a, **k)
         self._counts: list[float] = []
-        self._confusion: list[list[float]] | None = None
-        self._done = False
+        self._recent: deque = deque()  # the latest confusion matrices (flat) and their sizes
+        self._ratio_done = False
         self._step = 0
 
     def update(self, row: Row) -> None:
@@ -600,25 +600,41 @@ class ClassImbalance(BuiltinRule):
                 self._counts += [0.0] * (len(vals) - len(self._counts))
             for i, v in enumerate(vals):
                 self._counts[i] += v
-            if not self._done and sum(self._counts) >= self.p["samples"]:
-                self._evaluate()
+            if not self._ratio_done and sum(self._counts) >= self.p["samples"]:
+                self._check_ratio()
         elif row["name"] == "confusion_matrix":
-            c = round(math.sqrt(len(row["values"])))
-            m = [row["values"][i * c : (i + 1) * c] for i in range(c)]
-            if self._confusion is None:
-                self._confusion = m
-            else:
-                self._confusion = [
-                    [a + b for a, b in zip(r0, r1, strict=True)]
-                    for r0, r1 in zip(self._confusion, m, strict=True)
-                ]
+            # Keep just enough recent matrices to cover `samples` labels: mispredictions are
+            # judged on the model as it is now, not on its untrained first steps.
+            self._recent.append(row["values"])
+            while len(self._recent) > 1 and sum(sum(m) for m in list(self._recent)[1:]) >= (
+                self.p["samples"]
+            ):
+                self._recent.popleft()
 
     def finish(self, now: float | None = None, finished: bool = True) -> None:
-        if not self._done and sum(self._counts) > 0:
-            self._evaluate()
+        if not self._ratio_done and sum(self._counts) > 0:
+            self._check_ratio()
+        if not self._recent or self._misprediction_done:
+            return
+        self._misprediction_done = True
+        flat = [sum(col) for col in zip(*self._recent, strict=True)]
+        c = round(math.sqrt(len(flat)))
+        for i in range(c):
+            r = flat[i * c : (i + 1) * c]
+            total = sum(r)
+            if total:
+                wrong = 1 - r[i] / total
+                self.check(
+                    not wrong > self.p["threshold_misprediction"],
+                    self._step,
+                    f"class {i} is mispredicted in {wrong:.0%} of its latest "
+                    f"{int(total)} training samples",
+                )
 
-    def _evaluate(self) -> None:
-        self._done = True
+    _misprediction_done = False
+
+    def _check_ratio(self) -> None:
+        self._ratio_done = True
         n = sum(self._counts)
         if n < self.p["samples"]:
             self.note = f"judged on {int(n)} labels (fewer than samples={self.p['samples']})"
@@ -630,15 +646,6 @@ class ClassImbalance(BuiltinRule):
             f"the most frequent class has {ratio:.3g}x the samples of the rarest "
             f"({int(hi)} vs {int(lo)} in {int(n)} labels)",
         )
-        for i, r in enumerate(self._confusion or []):
-            total = sum(r)
-            if total:
-                wrong = 1 - r[i] / total
-                self.check(
-                    not wrong > self.p["threshold_misprediction"],
-                    self._step,
-                    f"class {i} is mispredicted in {wrong:.0%} of its training samples",
-                )
 
 
 class CheckInputImages(BuiltinRule):
