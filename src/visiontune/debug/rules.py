@@ -401,8 +401,9 @@ class Overfit(BuiltinRule):
         train, valid = pair["TRAIN"], pair["EVAL"]
         ratio = (valid - train) / max(abs(train), 1e-12)
         self._run = self._run + 1 if ratio > self.p["ratio_threshold"] else 0
+        # SageMaker's patience: how many evaluations may exceed the ratio before it fires.
         self.check(
-            self._run < self.p["patience"],
+            self._run <= self.p["patience"],
             row["step"],
             f"valid loss {valid:.4g} is {ratio:.0%} above train loss {train:.4g} "
             f"in epoch {row['epoch'] + 1}",
@@ -606,8 +607,9 @@ class ClassImbalance(BuiltinRule):
             # Keep just enough recent matrices to cover `samples` labels: mispredictions are
             # judged on the model as it is now, not on its untrained first steps.
             self._recent.append(row["values"])
-            while len(self._recent) > 1 and sum(sum(m) for m in list(self._recent)[1:]) >= (
-                self.p["samples"]
+            while (
+                len(self._recent) > 1
+                and sum(sum(m) for m in list(self._recent)[1:]) >= (self.p["samples"])
             ):
                 self._recent.popleft()
 
@@ -720,13 +722,22 @@ class Confusion(BuiltinRule):
         "train longer, or unfreeze more layers."
     )
 
+    def __init__(self, *a: Any, **k: Any):
+        super().__init__(*a, **k)
+        self._latest: Row | None = None
+        self.note = "judged on the latest evaluation, at the end of training"
+
     def update(self, row: Row) -> None:
-        if row["name"] != "confusion_matrix" or row["mode"] != "EVAL" or not row.get("values"):
+        # The model as trained is what matters, not its first epochs: keep the latest matrix.
+        if row["name"] == "confusion_matrix" and row["mode"] == "EVAL" and row.get("values"):
+            self._latest = row
+
+    def finish(self, now: float | None = None, finished: bool = True) -> None:
+        row, self._latest = self._latest, None
+        if row is None:
             return
-        c = round(math.sqrt(len(row["values"])))
-        if self.p["category_no"]:
-            c = min(c, int(self.p["category_no"]))
         full = round(math.sqrt(len(row["values"])))
+        c = min(full, int(self.p["category_no"])) if self.p["category_no"] else full
         for i in range(c):
             r = row["values"][i * full : (i + 1) * full]
             total = sum(r)
