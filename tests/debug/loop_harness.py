@@ -6,14 +6,13 @@ raw-pixel inputs, a stall); end-to-end tests go through ``visiontune.train.train
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from visiontune.callbacks import Callback, TrainState, resolve_callbacks
+from visiontune.callbacks import Callback, TrainState
 from visiontune.config import TrainConfig, build_config
 from visiontune.evaluate import classification_metrics
 
@@ -33,13 +32,10 @@ def cfg_for(data: Path, out: Path, **kw: Any) -> TrainConfig:
 
 
 def run_train(cfg: TrainConfig, callbacks: list[Callback] | None = None, **kw: Any):
-    """``train(cfg)``; attaches the config's callbacks where the loop does not yet do it."""
-    import visiontune.train as t
+    """``train(cfg)``: the loop attaches the debugger from ``cfg.debugger`` itself."""
+    from visiontune.train import train
 
-    extra = list(callbacks or [])
-    if "resolve_callbacks" not in inspect.getsource(t):
-        extra = [*resolve_callbacks(cfg), *extra]
-    return t.train(cfg, extra, **kw)
+    return train(cfg, list(callbacks or []), **kw)
 
 
 def make_state(tmp_path: Path, model: nn.Module, num_classes: int = 2) -> TrainState:

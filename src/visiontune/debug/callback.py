@@ -104,28 +104,22 @@ class Debugger(Callback):
         self._stop_watchdog = threading.Event()
         self._finished = False
         self._first_step_checked = False
+        self._resume_pending = False
+        self._exporting = False
 
     # ---------------------------------------------------------------- run start / resume
 
     def on_train_start(self, state: TrainState) -> None:
         self._state = state
         self.debug_dir = Path(state.run_dir) / store.DEBUG_DIR
-        resumed = state.resumed or state.step > 0 or state.epoch > 0
-        if resumed:
-            dropped = store.truncate_for_resume(self.debug_dir, state.step, state.epoch)
-            if dropped:
-                print(
-                    f"debugger: dropped {dropped} rows captured after the checkpoint "
-                    "(they are captured again)",
-                    file=sys.stderr,
-                )
-            old = store.read_rows(self.debug_dir)
-            self.rules.feed(old)
-            self._absent_done = {r["name"] for r in old if r.get("absent")}
-            self._fp_seen = {r["split"] for r in old if r["phase"] == "features"}
-            self._notes = list(store.read_meta(self.debug_dir).get("not_captured", []))
+        if state.resumed or state.step > 0 or state.epoch > 0:
+            # The loop restores the checkpoint after this event: the step to resume from is
+            # known at the first epoch start (see _resume). Until then nothing is written.
+            self._resume_pending = True
             self._part = store.next_part_index(self.debug_dir)
-            self._n_evals = state.epoch
+            self._notes = list(store.read_meta(self.debug_dir).get("not_captured", []))
+            if state.step > 0 or state.epoch > 0:  # a loop that restored it already
+                self._resume(state)
         elif self.debug_dir.exists():
             shutil.rmtree(self.debug_dir)  # a fresh run: nothing of an earlier attempt is kept
         self.debug_dir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +137,28 @@ class Debugger(Callback):
                 target=self._watch, name="visiontune-debugger-stall", daemon=True
             )
             self._watchdog.start()
+
+    def _resume(self, state: TrainState) -> None:
+        """Drop what the killed run captured after its checkpoint; rebuild the rules' state."""
+        self._resume_pending = False
+        dropped = store.truncate_for_resume(self.debug_dir, state.step, state.epoch)  # type: ignore[arg-type]
+        if dropped:
+            print(
+                f"debugger: dropped {dropped} rows captured after the checkpoint "
+                "(they are captured again)",
+                file=sys.stderr,
+            )
+        old = store.read_rows(self.debug_dir)  # type: ignore[arg-type]
+        with self._lock:
+            self.rules.feed(old)
+        self._absent_done |= {r["name"] for r in old if r.get("absent")}
+        self._fp_seen |= {r["split"] for r in old if r["phase"] == "features"}
+        self._part = max(self._part, store.next_part_index(self.debug_dir))  # type: ignore[arg-type]
+        self._n_evals = state.epoch
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        if self._resume_pending:
+            self._resume(state)
 
     # ---------------------------------------------------------------- feature-cache pass
 
@@ -324,10 +340,13 @@ class Debugger(Callback):
     def on_evaluation_start(self, state: TrainState, split: str) -> None:
         self._mode = "EVAL"
 
+    def on_export_start(self, state: TrainState) -> None:
+        self._exporting = True
+
     def on_evaluation_end(self, state: TrainState, split: str, metrics: dict[str, Any]) -> None:
         self._mode = "TRAIN"
-        if split != "valid":
-            return
+        if split != "valid" or self._exporting:
+            return  # the final test of the best epoch is in RUN/evaluation*.json
         index = self._n_evals
         self._n_evals += 1
         if not should_save(self.eval_save, index):
@@ -382,6 +401,8 @@ class Debugger(Callback):
 
     def on_train_end(self, state: TrainState, result: Any) -> None:
         try:
+            if self._resume_pending:
+                self._resume(state)
             self._materialize()
             self._after_rows(state)
             self._finished = result is not None
@@ -575,8 +596,8 @@ class Debugger(Callback):
 
     def _flush(self) -> None:
         """Write the rows so far as one new part file, and the rule results."""
-        if self.debug_dir is None:
-            return
+        if self.debug_dir is None or self._resume_pending:
+            return  # a resumed run writes once it knows what to keep
         self._materialize()
         if self._state is not None:
             self._after_rows(self._state)
