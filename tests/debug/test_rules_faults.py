@@ -131,7 +131,7 @@ def test_check_input_images_catches_raw_pixels(tmp_path, normalise):
     res = results(state.run_dir)["CheckInputImages"]
     assert res.triggered is (not normalise), res.message
     if not normalise:
-        assert "input channel" in res.message and "16 images" in res.message
+        assert "input images have mean" in res.message and "16 images" in res.message
 
 
 @pytest.mark.parametrize("imbalanced", [True, False])

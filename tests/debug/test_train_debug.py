@@ -71,12 +71,19 @@ def test_exploding_loss_stops_the_run_cleanly_with_a_model(image_dataset, tmp_pa
 
 
 def test_tiny_data_many_epochs_overfits_and_overtrains(tmp_path):
-    data = write_dataset(tmp_path / "data", per_class={"train": 2, "valid": 6, "test": 2})
+    data = write_dataset(tmp_path / "data", per_class={"train": 4, "valid": 6, "test": 2})
+    # Label noise: half of each training class moves to the other, so fitting the training
+    # set means memorising it, and validation loss grows as training loss falls.
+    cats, dogs = (sorted((data / "train" / c).iterdir())[:2] for c in ("cat", "dog"))
+    for p in cats:
+        p.rename(data / "train" / "dog" / p.name)
+    for p in dogs:
+        p.rename(data / "train" / "cat" / p.name)
     rules = [
         {"name": "Overfit"},
         {"name": "Overtraining", "parameters": {"patience_train": 3, "patience_validation": 3}},
     ]
-    cfg = debug_cfg(data, tmp_path / "run", rules, batch_size=4, epochs=14, lr=0.05)
+    cfg = debug_cfg(data, tmp_path / "run", rules, batch_size=4, epochs=14, lr=0.05, augment="none")
     run_train(cfg)
     res = results(tmp_path / "run")
     assert res["Overfit"].triggered, res["Overfit"].message

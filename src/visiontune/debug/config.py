@@ -88,7 +88,7 @@ class DebuggerConfig(BaseModel):
     )
     histogram_bins: int = Field(20, ge=1, le=1000)
     feature_pass_samples: int = Field(
-        512, ge=0, description="images of each split captured during the feature-cache pass"
+        64, ge=0, description="images of each split captured during the feature-cache pass"
     )
     rules: list[RuleSpec] | None = Field(
         None, description="rules by name or {name, parameters, action}; default: see docs"
