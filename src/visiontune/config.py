@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from visiontune.debug.config import DebuggerConfig
 from visiontune.errors import UserError
 
 
@@ -100,6 +101,9 @@ class TrainConfig(BaseModel):
     callbacks: list[str] = Field(
         default_factory=list,
         description="callbacks by name (debugger, profiler, module:Class) to attach to the loop",
+    )
+    debugger: DebuggerConfig | None = Field(
+        None, description="capture tensors and run rules while training (docs/debugging.md)"
     )
 
     @field_validator("lr")

@@ -56,6 +56,7 @@ def train(
     callback: list[str] = typer.Option(
         None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
     ),
+    debug: bool = typer.Option(False, "--debug", help="Turn the debugger on (docs/debugging.md)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     from visiontune.config import TrainConfig, build_config, parse_overrides
@@ -82,6 +83,10 @@ def train(
         if data is None and config is None:
             raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
         cfg = build_config(TrainConfig, config, flags)
+    if debug:
+        from visiontune.debug.config import DebuggerConfig
+
+        cfg.debugger = (cfg.debugger or DebuggerConfig()).model_copy(update={"enabled": True})
     try:
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:
