@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visiontune.errors import UserError
+from visiontune.profile.config import ProfilerConfig
 
 
 class TrainConfig(BaseModel):
@@ -85,6 +86,7 @@ class TrainConfig(BaseModel):
         default_factory=list,
         description="callbacks by name (debugger, profiler, module:Class) to attach to the loop",
     )
+    profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
 
     @field_validator("lr")
     @classmethod
