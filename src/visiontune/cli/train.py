@@ -50,6 +50,9 @@ def train(
     checkpoint_every_steps: int = typer.Option(None, help="Also checkpoint every N steps."),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: KEY=VALUE."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    profile_steps: str = typer.Option(
+        None, help="A-B: record steps A..B with torch.profiler (trace in RUN/profile/)."
+    ),
 ) -> None:
     from visiontune.config import TrainConfig, build_config, parse_overrides
     from visiontune.errors import UserError
@@ -73,6 +76,14 @@ def train(
         if data is None and config is None:
             raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
         cfg = build_config(TrainConfig, config, flags)
+    if profile_steps:
+        from visiontune.profile.config import parse_step_window
+
+        try:
+            parse_step_window(profile_steps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        cfg.profiler.profile_steps = profile_steps  # the rest of the profiler section is kept
     try:
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:
