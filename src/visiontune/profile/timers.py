@@ -87,9 +87,10 @@ class StepTimer:
             self._events[3].record()
             row["_events"] = self._events
             self._events = None
-        if loss is not None and hasattr(loss, "detach"):
-            row["_loss"] = loss.detach()
-        elif loss is not None:
+        if hasattr(loss, "detach"):
+            if loss.numel() == 1:  # a custom loop's per-sample losses are not one number
+                row["_loss"] = loss.detach()
+        elif isinstance(loss, (int, float)):
             row["loss"] = float(loss)
         self._pending.append(row)
         self._t_batch = 0.0
