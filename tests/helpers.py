@@ -65,3 +65,29 @@ def write_dataset(
                 make_image(label, offset + i, size).save(d / f"{cls}_{offset + i:04d}{ext}", fmt)
         offset += 1000
     return root
+
+
+class EventLog:
+    """A callback importable by name (``helpers:EventLog``) that appends event names to the
+    file named by ``$VT_TEST_EVENTS``: shows a config-named callback was attached."""
+
+    def __new__(cls, cfg):
+        from visiontune.callbacks import Callback
+
+        class _Log(Callback):
+            def _write(self, name: str) -> None:
+                import os
+
+                with open(os.environ["VT_TEST_EVENTS"], "a") as f:
+                    f.write(name + "\n")
+
+            def on_train_start(self, state):
+                self._write("train_start")
+
+            def on_epoch_end(self, state, metrics):
+                self._write("epoch_end")
+
+            def on_train_end(self, state, result):
+                self._write("train_end")
+
+        return _Log()

@@ -45,7 +45,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -80,8 +80,44 @@ EVENTS = (
 Phase = Literal["init", "features", "train", "eval", "checkpoint", "export", "done"]
 
 
-@dataclass
-class TrainState:
+def _zero_sums() -> dict[str, float]:
+    return {"loss": 0.0, "correct": 0.0, "count": 0.0}
+
+
+@dataclass(kw_only=True)
+class LoopState:
+    """The loop's position and running totals: exactly what a checkpoint holds to resume.
+
+    Its fields are listed once, here; :meth:`state_dict` and :meth:`load_state_dict` carry
+    them into and out of ``checkpoints/last.pt``.
+    """
+
+    epoch: int = 0  # epochs completed (0-based index of the current epoch while it runs)
+    step: int = 0  # global optimizer steps so far
+    batch_in_epoch: int = 0
+    sums: dict[str, float] = field(default_factory=_zero_sums)  # this epoch's train totals
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    best_value: float | None = None
+    best_epoch: int | None = None
+    stale_epochs: int = 0  # epochs since the monitored metric last improved
+    bad_images: int = 0  # training images that could not be decoded
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(LoopState))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.field_names()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        for name in self.field_names():
+            setattr(self, name, d[name])
+        self.sums = {k: float(v) for k, v in self.sums.items()}
+        self.history = list(self.history)
+
+
+@dataclass(kw_only=True)
+class TrainState(LoopState):
     """What callbacks can read (and, for ``stop_reason``, write) while training runs."""
 
     config: TrainConfig
@@ -98,19 +134,13 @@ class TrainState:
     resumed: bool = False
     rank: int = 0
     world_size: int = 1
-    epoch: int = 0  # epochs completed (0-based index of the current epoch while it runs)
-    step: int = 0  # global optimizer steps so far
-    batch_in_epoch: int = 0
     eval_split: str | None = None  # the split being evaluated while phase == "eval"
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
     steps_per_epoch: int = 0
-    best_epoch: int | None = None
-    best_value: float | None = None
     stop_reason: str | None = None
     error: str | None = None  # set when the run ends with an exception (one line)
     last_metrics: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 class Callback:
@@ -142,9 +172,7 @@ class Callback:
 
     def on_evaluation_start(self, state: TrainState, split: str) -> None: ...
 
-    def on_evaluation_end(
-        self, state: TrainState, split: str, metrics: dict[str, Any]
-    ) -> None: ...
+    def on_evaluation_end(self, state: TrainState, split: str, metrics: dict[str, Any]) -> None: ...
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
 

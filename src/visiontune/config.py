@@ -19,6 +19,18 @@ from visiontune.errors import UserError
 from visiontune.profile.config import ProfilerConfig
 
 
+class Resolved(BaseModel):
+    """What ``auto`` settings became on the machine that ran the job (written by ``train``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str
+    precision: Literal["fp32", "bf16", "fp16"]
+    workers: int
+    batch_size: int
+    uses_feature_cache: bool = False
+
+
 class TrainConfig(BaseModel):
     """Everything that decides what a training run does."""
 
@@ -82,6 +94,10 @@ class TrainConfig(BaseModel):
     checkpoint_every_steps: int | None = Field(None, ge=1)
     output: str = Field("runs/latest", description="run directory, local or s3://bucket/prefix")
     progress: bool = True
+    report: bool = Field(True, description="write RUN/report.html at the end of the run")
+    resolved: Resolved | None = Field(
+        None, description="what auto settings resolved to (written by the run, not an input)"
+    )
     callbacks: list[str] = Field(
         default_factory=list,
         description="callbacks by name (debugger, profiler, module:Class) to attach to the loop",
@@ -107,20 +123,34 @@ class TrainConfig(BaseModel):
     @field_validator("split_ratios")
     @classmethod
     def _ratios(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(r < 0 for r in v) or v[0] <= 0 or abs(sum(v) - 1.0) > 1e-6:
-            raise ValueError(f"split_ratios must be >= 0, train > 0, and sum to 1, got {v}")
+        from visiontune.data.splits import split_ratio_error
+
+        problem = split_ratio_error(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")
     def _monitor_mode(self) -> TrainConfig:
         if self.monitor_mode == "auto":
-            mode = "min" if "loss" in self.monitor else "max"
+            mode = "min" if is_minimised(self.monitor) else "max"
             object.__setattr__(self, "monitor_mode", mode)
         return self
 
     @property
     def frozen_backbone(self) -> bool:
         return self.trainable == "head"
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        """The one rule: a frozen backbone, no augmentation, and the cache not turned off;
+        then backbone features are computed once and the head trains on them."""
+        return self.frozen_backbone and self.augment == "none" and self.feature_cache
+
+
+def is_minimised(metric: str) -> bool:
+    """The one rule for a metric's direction: losses are minimised, everything else maximised."""
+    return "loss" in metric
 
 
 def _coerce(value: str) -> Any:

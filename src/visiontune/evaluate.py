@@ -7,8 +7,11 @@ the architecture, classes and preprocessing come from ``model.json``.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +97,102 @@ def collect_logits(
     return torch.cat(out), torch.cat(labels), n_bad
 
 
+def _same_dataset(a: str | None, b: str | None) -> bool:
+    """Whether two dataset URIs (or names) point at the same data."""
+    if not a or not b:
+        return False
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return str(a).rstrip("/") == str(b).rstrip("/")
+
+
+@dataclass
+class EvaluationSplit:
+    """The images ``evaluate`` runs on, and where their split came from.
+
+    Attributes:
+        index: the dataset index (classes, storage options).
+        split: the canonical split name.
+        items: ``[(uri, label)]`` of that split, labels indexing ``index.class_ids``.
+        source: one phrase for people: the ``split.json`` used, the seeded split, or the
+            dataset's own split folders.
+    """
+
+    index: Any
+    split: str
+    items: list[tuple[str, int]]
+    source: str
+
+
+def evaluation_split(
+    meta: dict[str, Any],
+    model_dir: str | os.PathLike,
+    data: str,
+    split: str = "test",
+    *,
+    endpoint_url: str | None = None,
+) -> EvaluationSplit:
+    """The images of ``split`` exactly as the model's training run split them.
+
+    On a root of class folders the split is the one recorded with the model (``split.json``
+    in the model directory or in its run directory), else the seeded split its training
+    config describes (``split_seed``, ``split_ratios``, ``limit_per_class``); a ``valid``
+    split carved out of ``train`` is carved the same way training did.
+
+    Args:
+        meta: the model's ``model.json``.
+        model_dir: the model directory.
+        data: the dataset to evaluate on.
+        split: ``train``, ``valid`` (or ``val``/``validation``) or ``test``.
+        endpoint_url: S3-compatible endpoint.
+
+    Raises:
+        UserError: the dataset has no such split, or does not match the recorded split.
+    """
+    from visiontune.data.folder import discover
+    from visiontune.data.splits import canonical_split, find_split_record, resolve_splits
+
+    cfg = meta.get("config") or {}
+    seed = int(cfg.get("split_seed", 0))
+    ratios = cfg.get("split_ratios") or (0.8, 0.1, 0.1)
+    record = find_split_record(model_dir)
+    same = _same_dataset(data, cfg.get("data"))
+    if record is not None and not same:
+        try:
+            same = _same_dataset(data, json.loads(record.read_text()).get("root"))
+        except (OSError, ValueError, AttributeError):
+            same = False
+    use_record = record if same else None
+    index = discover(
+        data,
+        endpoint_url=endpoint_url,
+        split_ratios=ratios,
+        split_seed=seed,
+        # Only an existing record is passed: discover writes one where there is none.
+        record_dir=use_record.parent if use_record is not None else None,
+        limit_per_class=cfg.get("limit_per_class") if same else None,
+    )
+    split = canonical_split(split)
+    splits = dict(index.splits)
+    carved = not splits.get("valid") and bool(splits.get("train"))
+    if carved:
+        # Training held valid out of train: both are evaluated as training saw them.
+        splits = resolve_splits(index, seed, announce=False)
+    if not splits.get(split):
+        raise UserError(
+            f"dataset {data} has no {split!r} split (it has: {', '.join(sorted(splits))})"
+        )
+    if use_record is not None and index.layout == "classes":
+        source = f"recorded in {use_record}"
+    elif index.layout == "classes":
+        source = f"split_seed {seed} and split_ratios {list(ratios)} of the training config"
+    else:
+        source = "the dataset's split folders"
+    if carved and split in ("train", "valid"):
+        source += f"; valid held out of train with split_seed {seed}, as training did"
+    return EvaluationSplit(index, split, splits[split], source)
+
+
 def evaluate(
     model_dir: str | os.PathLike,
     data: str,
@@ -104,23 +203,40 @@ def evaluate(
     device: str = "auto",
     precision: str = "auto",
     workers: int | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model directory on one split of a dataset.
+    """Evaluate a model directory on one split of a dataset, the split its training used.
 
     Classes are matched by id: the dataset's class folders must be the model's classes.
+
+    Args:
+        model_dir: ``RUN/model`` or a copy of it.
+        data: dataset folder, ``s3://`` prefix or name.
+        split: ``test``, ``valid`` (``val``) or ``train``; on a root of class folders, the
+            split recorded with the model (see :func:`evaluation_split`).
+        endpoint_url: S3-compatible endpoint.
+        batch_size: images per forward pass.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        workers: DataLoader workers (default: from the CPU count).
+        progress: show a progress bar on stderr; default when stderr is a terminal or
+            ``VISIONTUNE_PROGRESS=1``.
+
+    Returns:
+        The metrics of :func:`classification_metrics` plus ``split``, ``split_source``,
+        ``top_confusions``, ``bad_images`` and ``model``.
+
+    Raises:
+        UserError: a bad model directory, dataset or split, or classes that differ.
     """
-    from visiontune.data.folder import ImageDataset, collate_skip_bad, discover
+    from visiontune.data.folder import ImageDataset, collate_skip_bad
     from visiontune.data.transforms import eval_transform
     from visiontune.models.artifact import load_model_dir
 
     dev = resolve_device(device)
     loaded = load_model_dir(model_dir, dev)
-    index = discover(data, endpoint_url=endpoint_url, record_dir=None)
-    split = {"val": "valid", "validation": "valid"}.get(split, split)  # folder-name aliases
-    if split not in index.splits:
-        raise UserError(
-            f"dataset {data} has no {split!r} split (it has: {', '.join(sorted(index.splits))})"
-        )
+    chosen = evaluation_split(loaded.meta, model_dir, data, split, endpoint_url=endpoint_url)
+    index = chosen.index
     model_ids = loaded.class_ids
     if sorted(index.class_ids) != sorted(model_ids):
         missing = sorted(set(index.class_ids) - set(model_ids))[:5]
@@ -130,8 +246,12 @@ def evaluate(
         )
     # Dataset labels index its own sorted class ids; remap to the model's order.
     remap = torch.tensor([model_ids.index(cid) for cid in index.class_ids])
+    view = replace(index, splits={chosen.split: chosen.items})
     ds = ImageDataset(
-        index, split, eval_transform(loaded.preprocess), decode_size=loaded.preprocess.resize_size
+        view,
+        chosen.split,
+        eval_transform(loaded.preprocess),
+        decode_size=loaded.preprocess.resize_size,
     )
     loader = DataLoader(
         ds,
@@ -139,12 +259,156 @@ def evaluate(
         num_workers=default_workers() if workers is None else workers,
         collate_fn=collate_skip_bad,
     )
-    logits, labels, n_bad = collect_logits(
-        loaded.model, loader, dev, autocast_dtype(dev, precision)
-    )
+    with _progress_bar(len(loader), f"evaluating {chosen.split}", progress) as advance:
+        logits, labels, n_bad = collect_logits(
+            loaded.model, _advancing(loader, advance), dev, autocast_dtype(dev, precision)
+        )
     metrics = classification_metrics(logits, remap[labels], loaded.class_names)
-    metrics.update({"split": split, "bad_images": n_bad, "model": str(model_dir)})
+    metrics.update(
+        {
+            "split": chosen.split,
+            "split_source": chosen.source,
+            "top_confusions": top_confusions(metrics, loaded.class_names),
+            "bad_images": n_bad,
+            "model": str(model_dir),
+        }
+    )
     return metrics
+
+
+def top_confusions(
+    metrics: dict[str, Any], class_names: Sequence[str], n: int = 5
+) -> list[dict[str, Any]]:
+    """The ``n`` most frequent mistakes: ``{true, predicted, count}``, most frequent first."""
+    cm = metrics.get("confusion_matrix") or []
+    pairs = [
+        (count, i, j)
+        for i, row in enumerate(cm)
+        for j, count in enumerate(row)
+        if i != j and count > 0
+    ]
+    pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+    return [
+        {"true": class_names[i], "predicted": class_names[j], "count": count}
+        for count, i, j in pairs[:n]
+    ]
+
+
+def progress_enabled(progress: bool | None = None) -> bool:
+    """Progress bars go to stderr when it is a terminal, or when ``VISIONTUNE_PROGRESS=1``."""
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty() or os.environ.get("VISIONTUNE_PROGRESS") == "1"
+
+
+def _progress_bar(total: int, label: str, progress: bool | None):
+    import contextlib
+
+    if not progress_enabled(progress):
+        return contextlib.nullcontext(lambda n: None)
+
+    @contextlib.contextmanager
+    def bar():
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("batches"),
+            TimeRemainingColumn(),
+        )
+        # VISIONTUNE_PROGRESS=1 asks for the bar where stderr is not a terminal (a CI log).
+        console = Console(stderr=True, force_terminal=True if progress is None else None)
+        with Progress(*columns, console=console, transient=True) as p:
+            task = p.add_task(label, total=total)
+            yield lambda n: p.advance(task, n)
+
+    return bar()
+
+
+def _advancing(batches: Iterable, advance) -> Iterator:
+    for batch in batches:
+        yield batch
+        advance(1)
+
+
+class Predictor:
+    """A model directory loaded once, for labelling images from Python.
+
+    Example:
+        >>> predictor = Predictor("runs/first/model")
+        >>> predictor.predict(["photo.jpg"])
+        ['bee']
+
+    Args:
+        model_dir: ``RUN/model`` (or a copy of it): weights, classes and preprocessing.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+    """
+
+    def __init__(
+        self, model_dir: str | os.PathLike, *, device: str = "auto", precision: str = "auto"
+    ):
+        from visiontune.models.artifact import load_model_dir
+
+        self.device = resolve_device(device)
+        self.loaded = load_model_dir(model_dir, self.device)
+        self._amp = autocast_dtype(self.device, precision)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Display names, in the order of the probability columns."""
+        return self.loaded.class_names
+
+    def _images(self, images: Sequence[Any]) -> list[Any]:
+        from PIL import Image
+
+        from visiontune.data.images import load_image
+
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+            images = [images]  # one image, not a sequence of characters
+        size = self.loaded.preprocess.resize_size
+        return [
+            im.convert("RGB") if isinstance(im, Image.Image) else load_image(im, size)
+            for im in images
+        ]
+
+    def predict_proba(self, images: Sequence[Any]) -> torch.Tensor:
+        """Class probabilities, ``(N, C)``, for image paths, encoded bytes or PIL images.
+
+        Raises:
+            FileNotFoundError: a path does not exist.
+            visiontune.data.images.ImageDecodeError: an image cannot be decoded.
+        """
+        from visiontune.inference import preprocess_batch
+
+        batch = self._images(images)
+        if not batch:
+            return torch.empty(0, len(self.class_names))
+        x = preprocess_batch(batch, self.loaded.preprocess).to(self.device)
+        with torch.inference_mode(), autocast(self.device, self._amp):
+            logits = self.loaded.model(x.contiguous(memory_format=torch.channels_last))
+        return logits.float().softmax(1).cpu()
+
+    def predict(self, images: Sequence[Any]) -> list[str]:
+        """The most likely label of each image (paths, encoded bytes or PIL images)."""
+        probs = self.predict_proba(images)
+        return [self.class_names[i] for i in probs.argmax(1).tolist()]
+
+    def top_k(self, images: Sequence[Any], k: int = 5) -> list[list[dict[str, Any]]]:
+        """Per image, the ``k`` most likely classes as ``{label, class_id, probability}``."""
+        from visiontune.inference import topk
+
+        probs = self.predict_proba(images)
+        return topk(probs, self.loaded.class_ids, self.class_names, k)
 
 
 def predict(
@@ -155,28 +419,31 @@ def predict(
     device: str = "auto",
     precision: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Label image files with a model directory: one ``{image, predictions | error}`` each."""
-    from visiontune.data.folder import load_image
-    from visiontune.inference import preprocess_batch, topk
-    from visiontune.models.artifact import load_model_dir
+    """Label image files with a model directory: one ``{image, predictions | error}`` each.
 
-    dev = resolve_device(device)
-    loaded = load_model_dir(model_dir, dev)
-    amp = autocast_dtype(dev, precision)
+    Raises:
+        UserError: ``top_k`` is below 1, or an image path is a folder (use ``transform``).
+    """
+    from visiontune.data.images import ImageDecodeError
+
+    if top_k < 1:
+        raise UserError(f"top_k must be at least 1, got {top_k}")
+    folders = [p for p in images if Path(p).is_dir()]
+    if folders:
+        raise UserError(
+            f"{folders[0]} is a folder; predict labels image files. To label every image in "
+            f"it: visiontune transform {model_dir} --input {folders[0]} --output PREDICTIONS"
+        )
+    predictor = Predictor(model_dir, device=device, precision=precision)
     results: list[dict[str, Any]] = []
     for path in images:
         if not Path(path).is_file():
             results.append({"image": path, "error": "file not found"})
             continue
         try:
-            im = load_image(path, decode_size=loaded.preprocess.resize_size)
-        except Exception as e:  # an undecodable file is reported, never a crash
+            preds = predictor.top_k([path], top_k)[0]
+        except (ImageDecodeError, OSError) as e:  # an undecodable file is reported, not a crash
             results.append({"image": path, "error": f"cannot decode image: {e}"})
             continue
-        x = preprocess_batch([im], loaded.preprocess).to(dev)
-        with torch.inference_mode(), autocast(dev, amp):
-            probs = loaded.model(x.contiguous(memory_format=torch.channels_last)).float()
-        probs = probs.softmax(1).cpu()
-        preds = topk(probs, loaded.class_ids, loaded.class_names, top_k)[0]
         results.append({"image": path, "predictions": preds})
     return results

@@ -46,6 +46,15 @@ def feature_key(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _path(key: str) -> Path:
+    return cache_root() / "features" / f"{key}.safetensors"
+
+
+def is_cached(key: str) -> bool:
+    """True when features for ``key`` are on disk (they are read, not computed)."""
+    return _path(key).is_file()
+
+
 def load_or_compute(
     key: str,
     backbone: torch.nn.Module,
@@ -65,7 +74,7 @@ def load_or_compute(
     """
     from safetensors.torch import load_file, save_file
 
-    path = cache_root() / "features" / f"{key}.safetensors"
+    path = _path(key)
     if path.is_file():
         try:
             d = load_file(str(path))

@@ -1,17 +1,27 @@
 """The training job: fine-tune a pretrained backbone on an image dataset.
 
-Read top to bottom: resolve the run directory and config, discover the data, build the model,
-the optimizer and the schedule, then the epoch loop, written out here: per step, per epoch
-evaluation, checkpointing, early stopping. At the end the best epoch's weights are evaluated on
-the test split and written as the self-describing ``RUN/model`` directory.
+``train()`` is the table of contents; each phase is a function below it, in the order a run
+goes through them (in the spirit of torchvision's references/classification/train.py and
+torchtune's recipes):
+
+    prepare the run directory and config      RunDir (visiontune.run), _resolve_runtime
+    load_data                                 splits, recorded with the run
+    setup_model                               registry backbone + fresh head, trainable layers
+    setup_data                                image loaders, or cached backbone features
+    setup_optimization                        optimizer, schedule, scaler, loss
+    train_one_epoch / validate / end_epoch    the loop, written out
+    save_checkpoint                           everything exact resume needs
+    export_best                               the best epoch evaluated and written as RUN/model
 
 Callbacks (``visiontune.callbacks``) are the only extension point: the debugger, profiler,
-loggers and tuner subscribe to events; the loop never branches on who listens.
+trackers and tuner subscribe to events; the loop never branches on who listens, and
+``on_train_end`` fires on every exit.
 
 Resuming is exact. Each epoch visits a permutation drawn from (seed, epoch); each sample's
 augmentation is seeded from (seed, epoch, index); the checkpoint holds model, optimizer,
-schedule, scaler, RNG states, the position inside the epoch and the epoch's running sums. A run
-killed mid-epoch and resumed ends with the same metrics as one that never stopped.
+schedule, scaler, RNG states and the loop state (position inside the epoch, the epoch's
+running sums, the best epoch so far). A run killed mid-epoch and resumed ends with the same
+metrics as one that never stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,20 +44,26 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from visiontune import features as feature_cache
-from visiontune.callbacks import Callback, CallbackList, TrainState
-from visiontune.config import TrainConfig, save_config
+from visiontune.callbacks import Callback, CallbackList, TrainState, resolve_callbacks
+from visiontune.config import Resolved, TrainConfig, save_config
 from visiontune.device import autocast, autocast_dtype, default_workers, resolve_device
 from visiontune.errors import UserError
 from visiontune.evaluate import classification_metrics, collect_logits
-from visiontune.io import append_jsonl, atomic_write, atomic_write_json, read_jsonl
+from visiontune.run import RunDir
 
-CHECKPOINT_VERSION = 1
+# Config keys a resumed run may change: they do not change what the run computes.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output", "endpoint_url", "s3_cache", "workers", "progress", "checkpoint_every_steps",
+        "callbacks", "debugger", "profiler", "report", "resolved",
+    }
+)  # fmt: skip
 
 
 class TrainingInterrupted(Exception):
     """SIGTERM/SIGINT arrived: a checkpoint was saved and the run can be resumed."""
 
-    def __init__(self, run_dir: Path, signum: int):
+    def __init__(self, run_dir: Path | str, signum: int):
         self.run_dir = run_dir
         self.signum = signum
         super().__init__(
@@ -70,6 +86,663 @@ class TrainResult:
     bad_images: int = 0
     used_feature_cache: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Runtime:
+    """What ``auto`` became here: device, autocast dtype, loader workers."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    workers: int
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+
+@dataclass
+class Data:
+    """The dataset as this run sees it: the index and the splits it trains and evaluates on."""
+
+    index: Any  # visiontune.data.folder.DatasetIndex
+    splits: dict[str, list]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.index.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.index.class_ids)
+
+    def view(self) -> _SplitView:
+        return _SplitView(self.index, self.splits)
+
+
+@dataclass
+class Loaders:
+    """The training stream and evaluation loaders, over images or cached features."""
+
+    train: DataLoader
+    sampler: EpochSampler
+    make_eval: Callable[[str], DataLoader]
+    step_model: nn.Module  # the whole model, or its head when features are cached
+    uses_feature_cache: bool
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    better: Callable[[float, float], bool]
+
+
+@dataclass
+class Job:
+    """Everything the phases share, built once by :func:`train`."""
+
+    cfg: TrainConfig
+    run: RunDir
+    runtime: Runtime
+    state: TrainState
+    cbs: CallbackList
+    progress: _Progress
+    signals: list[int]
+    data: Data | None = None
+    model: nn.Module | None = None
+    loaders: Loaders | None = None
+    opt: Optimization | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+
+
+def train(
+    cfg: TrainConfig,
+    callbacks: Sequence[Callback] = (),
+    *,
+    resume: bool = False,
+) -> TrainResult:
+    """Run a training job described by ``cfg``; write everything under ``cfg.output``.
+
+    Args:
+        cfg: the validated config.
+        callbacks: listeners for loop events besides those the config names (the tuner's
+            reporter, a notebook's own); see ``visiontune.callbacks``.
+        resume: continue the run in ``cfg.output`` from its last good checkpoint.
+
+    Raises:
+        UserError: bad data, bad options, an existing run directory without ``resume``, or a
+            resume that would change the run's hyperparameters.
+        TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was saved first.
+    """
+    from visiontune.models.registry import get_spec
+
+    run = RunDir.open(cfg.output, cfg.endpoint_url)
+    run.check_can_start(resume)
+    checkpoint = None
+    if resume:
+        cfg = _check_resume_changes(run, cfg)
+        checkpoint = run.load_checkpoint()  # a damaged one fails (or falls back) right away
+    preprocess = get_spec(cfg.model).preprocess_for(cfg.image_size)  # fails before compute
+    runtime = _resolve_runtime(cfg)
+    state = TrainState(
+        config=cfg,
+        run_dir=run.path,
+        device=runtime.device,
+        precision=runtime.precision,
+        workers=runtime.workers,
+        resumed=resume,
+    )
+    signals, restore_signals = _signal_guard()
+    job = Job(cfg, run, runtime, state, CallbackList(), _Progress(cfg.progress), signals)
+    result: TrainResult | None = None
+    try:
+        job.cbs = CallbackList(resolve_callbacks(cfg, callbacks))
+        with run.starting():  # a start that fails here leaves no run folder behind
+            job.data = load_data(cfg, run, resume)
+            setup_model(job)
+        job.cbs.fire("on_train_start", state)
+        setup_data(job, preprocess)
+        _record_config(job)
+        setup_optimization(job)
+        if checkpoint is not None:
+            restore_checkpoint(job, checkpoint)
+        else:
+            run.reset_metrics()
+        while state.epoch < cfg.epochs and state.stop_reason is None:
+            train_one_epoch(job)
+            end_epoch(job, validate(job, "valid"))
+        result = export_best(job, preprocess)
+        return result
+    except BaseException as e:
+        state.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if isinstance(e, TrainingInterrupted):
+            state.stop_reason = state.stop_reason or signal.Signals(e.signum).name
+        raise
+    finally:
+        restore_signals()
+        job.progress.close()
+        _finish(job, result)
+
+
+# --------------------------------------------------------------------------------------------
+# Phases, in the order train() calls them
+
+
+def _check_resume_changes(run: RunDir, cfg: TrainConfig) -> TrainConfig:
+    """A resumed run keeps its hyperparameters: a changed one is refused, never ignored."""
+    from visiontune.config import load_saved_config
+
+    if not run.config_path.is_file():
+        raise UserError(f"nothing to resume: {run.config_path} does not exist")
+    saved = load_saved_config(run.config_path).model_dump(mode="json")
+    asked = cfg.model_dump(mode="json")
+    if run.is_finished() and cfg.epochs <= saved["epochs"]:
+        raise UserError(
+            f"{run} is finished (its model is in {run.model_dir}); nothing to resume. "
+            "Give more --epochs to train on, or start a new run with another --output"
+        )
+    if cfg.epochs != saved["epochs"]:
+        if cfg.epochs < saved["epochs"]:
+            raise UserError(
+                f"--resume cannot shorten a run: it has {saved['epochs']} epochs, asked "
+                f"{cfg.epochs}; start a new run (--output) instead"
+            )
+        print(
+            f"extending {run} from {saved['epochs']} to {cfg.epochs} epochs (the learning-rate "
+            "schedule is recomputed over the new length)",
+            file=sys.stderr,
+        )
+    changed = [
+        k for k in asked if k not in RESUMABLE_CHANGES | {"epochs"} and asked[k] != saved.get(k)
+    ]
+    if changed:
+        k = changed[0]
+        raise UserError(
+            f"--resume keeps the run's hyperparameters: {k} is {asked[k]!r} here but "
+            f"{saved.get(k)!r} in {run.config_path}; start a new run (--output) to change it"
+        )
+    return cfg
+
+
+def _resolve_runtime(cfg: TrainConfig) -> Runtime:
+    device = resolve_device(cfg.device)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    return Runtime(device, autocast_dtype(device, cfg.precision), workers)
+
+
+def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
+    """Discover the dataset and the splits this run uses (recorded in the run directory)."""
+    from visiontune.data.folder import discover
+    from visiontune.data.splits import resolve_splits
+
+    index = discover(
+        cfg.data,
+        endpoint_url=cfg.endpoint_url,
+        split_ratios=cfg.split_ratios,
+        split_seed=cfg.split_seed,
+        record_dir=run.path,
+        limit_per_class=cfg.limit_per_class,
+    )
+    num_classes = len(index.class_ids)
+    if num_classes < 2:
+        raise UserError(f"{cfg.data} has {num_classes} class; a classifier needs at least 2")
+    splits = resolve_splits(index, cfg.split_seed)
+    n_train = len(splits["train"])
+    if cfg.batch_size > n_train:
+        raise UserError(
+            f"batch_size {cfg.batch_size} is larger than the training split ({n_train} images)"
+        )
+    return Data(index, splits)
+
+
+def setup_model(job: Job) -> None:
+    """The registry's backbone with a fresh head, seeded; trainable layers set."""
+    from visiontune.models.registry import build_model, set_trainable
+
+    cfg, device = job.cfg, job.runtime.device
+    torch.manual_seed(cfg.seed)  # a fresh head (or random backbone) is the same per seed
+    model, _ = build_model(
+        cfg.model, job.data.num_classes, weights=cfg.weights, dropout=cfg.dropout
+    )
+    set_trainable(model, cfg.trainable)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    job.model = model
+    s = job.state
+    s.model, s.num_classes, s.class_names = model, job.data.num_classes, job.data.class_names
+
+
+def setup_data(job: Job, preprocess) -> None:
+    """Loaders over cached backbone features (frozen, no augmentation) or over images."""
+    from visiontune.data.folder import ImageDataset, collate_skip_bad
+    from visiontune.data.transforms import eval_transform, train_transform
+
+    cfg, data, model, rt = job.cfg, job.data, job.model, job.runtime
+    torch.manual_seed(cfg.seed)
+    eval_batch = max(cfg.batch_size, 64)
+
+    def image_loader(split: str, transform, batch: int, sampler=None, seeded=False):
+        ds = ImageDataset(
+            data.view(), split, transform, decode_size=preprocess.resize_size,
+            s3_cache=cfg.s3_cache,
+        )  # fmt: skip
+        return DataLoader(
+            SeededSamples(ds) if seeded else ds,
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=rt.workers,
+            collate_fn=collate_skip_bad,
+            pin_memory=rt.device.type == "cuda",
+            persistent_workers=rt.workers > 0 and seeded,
+            prefetch_factor=4 if rt.workers > 0 else None,
+            # Its own generator: starting an iterator must not draw from the global RNG,
+            # or a resumed run's dropout stream would shift.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    if not cfg.uses_feature_cache:
+        sampler = EpochSampler(len(data.splits["train"]), cfg.seed)
+        train_loader = image_loader(
+            "train", train_transform(preprocess, cfg.augment), cfg.batch_size, sampler, True
+        )
+        job.loaders = Loaders(
+            train_loader,
+            sampler,
+            lambda split: image_loader(split, eval_transform(preprocess), eval_batch),
+            model,
+            False,
+        )
+    else:
+        tensors = {}
+        for split in ("train", "valid", "test"):
+            if data.splits.get(split):
+                loader = image_loader(split, eval_transform(preprocess), eval_batch)
+                tensors[split] = _cached_features(job, split, loader, preprocess)
+        sampler = EpochSampler(len(tensors["train"]), cfg.seed)
+        train_loader = DataLoader(
+            SeededSamples(tensors["train"], seeded=False),
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            collate_fn=_tensor_collate,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        job.loaders = Loaders(
+            train_loader,
+            sampler,
+            lambda split: DataLoader(tensors[split], batch_size=4096, collate_fn=_tensor_collate),
+            model.head,
+            True,
+        )
+    s = job.state
+    s.step_model, s.uses_feature_cache = job.loaders.step_model, job.loaders.uses_feature_cache
+
+
+def _cached_features(job: Job, split: str, loader: DataLoader, preprocess) -> TensorDataset:
+    """Backbone features of ``split``, from the cache or computed now (with a progress bar)."""
+    cfg, state, rt = job.cfg, job.state, job.runtime
+    key = feature_cache.feature_key(
+        model=cfg.model,
+        weights=feature_cache.weights_key(cfg.weights),
+        seed=cfg.seed if cfg.weights == "none" else None,  # a random backbone differs per seed
+        preprocess=preprocess.to_dict(),
+        precision=str(rt.amp_dtype),
+        data=job.data.view().fingerprint(split),
+    )
+    computing = not feature_cache.is_cached(key)
+    if computing:
+        state.phase = "features"
+        job.cbs.fire("on_features_start", state, split, job.model.backbone)
+    with job.progress.task(f"features {split}", len(job.data.splits[split])) as advance:
+        f, y, bad = feature_cache.load_or_compute(
+            key, job.model.backbone, loader, rt.device, rt.amp_dtype, cfg.channels_last, advance
+        )
+    if computing:
+        job.cbs.fire("on_features_end", state, split)
+        state.phase = "init"
+    if split == "train":
+        state.bad_images += bad
+    return TensorDataset(f, y)
+
+
+def _record_config(job: Job) -> None:
+    """Say in one line what auto became, and record it in config.yaml (and later model.json)."""
+    cfg, rt = job.cfg, job.runtime
+    cfg.resolved = Resolved(
+        device=str(rt.device),
+        precision=rt.precision,
+        workers=rt.workers,
+        batch_size=cfg.batch_size,
+        uses_feature_cache=job.loaders.uses_feature_cache,
+    )
+    save_config(cfg, job.run.config_path)
+    what = "cached backbone features" if job.loaders.uses_feature_cache else "images"
+    print(
+        f"training {cfg.model} ({cfg.trainable}) on {rt.device} in {rt.precision}, "
+        f"{rt.workers} loader workers, batch size {cfg.batch_size}, from {what}",
+        file=sys.stderr,
+    )
+
+
+def setup_optimization(job: Job) -> None:
+    cfg = job.cfg
+    steps_per_epoch = math.ceil(len(job.loaders.sampler) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    optimizer = build_optimizer(cfg, job.model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(cfg, steps_per_epoch * cfg.epochs, steps_per_epoch)
+    )
+    device = job.runtime.device
+    scaler = torch.amp.GradScaler(device.type, enabled=job.runtime.amp_dtype == torch.float16)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    better = (lambda a, b: a < b) if cfg.monitor_mode == "min" else (lambda a, b: a > b)
+    job.opt = Optimization(optimizer, scheduler, scaler, loss_fn, better)
+    job.state.optimizer, job.state.steps_per_epoch = optimizer, steps_per_epoch
+
+
+def restore_checkpoint(job: Job, ck: dict[str, Any]) -> None:
+    job.model.load_state_dict(ck["model"])
+    job.opt.optimizer.load_state_dict(ck["optimizer"])
+    job.opt.scheduler.load_state_dict(ck["scheduler"])
+    job.opt.scaler.load_state_dict(ck["scaler"])
+    _set_rng_state(ck["rng"])
+    job.state.load_state_dict(ck)
+    job.run.truncate_metrics(job.state.step)
+    print(
+        f"resuming {job.run} at epoch {job.state.epoch + 1}, batch {job.state.batch_in_epoch}",
+        file=sys.stderr,
+    )
+
+
+def save_checkpoint(job: Job) -> None:
+    """Everything exact resume needs, written so a kill mid-write leaves the previous one."""
+    state = job.state
+    state.phase = "checkpoint"
+    job.cbs.fire("on_checkpoint_start", state)
+    path = job.run.save_checkpoint(
+        {
+            "model": job.model.state_dict(),
+            "optimizer": job.opt.optimizer.state_dict(),
+            "scheduler": job.opt.scheduler.state_dict(),
+            "scaler": job.opt.scaler.state_dict(),
+            "rng": _rng_state(),
+            **state.state_dict(),
+        }
+    )
+    job.cbs.fire("on_checkpoint", state, str(path))
+    job.run.sync()
+    state.phase = "train"
+
+
+def train_one_epoch(job: Job) -> None:
+    """One pass over the epoch's permutation (from where a resumed run stopped)."""
+    cfg, state, cbs, rt, opt = job.cfg, job.state, job.cbs, job.runtime, job.opt
+    device, model, step_model = rt.device, job.model, job.loaders.step_model
+    fire_batch, fire_start = cbs.listens("on_batch_start"), cbs.listens("on_step_start")
+    fire_before = cbs.listens("on_before_backward")
+    fire_after, fire_end = cbs.listens("on_after_backward"), cbs.listens("on_step_end")
+    params = [p for g in opt.optimizer.param_groups for p in g["params"]]
+    job.loaders.sampler.set_epoch(state.epoch, state.batch_in_epoch * cfg.batch_size)
+    state.phase = "train"
+    cbs.fire("on_epoch_start", state)
+    step_model.train()
+    t0 = time.perf_counter()
+    seen_at_start = state.sums["count"]
+    # Running sums stay on the device: no host sync per step.
+    loss_sum = torch.zeros((), device=device)
+    correct_sum = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    task = job.progress.start(state.epoch, cfg.epochs, state.steps_per_epoch, state.batch_in_epoch)
+    data_iter = iter(job.loaders.train)
+    while state.batch_in_epoch < state.steps_per_epoch:
+        if fire_batch:
+            cbs.fire("on_batch_start", state)
+        try:
+            inputs, targets, bad = next(data_iter)
+        except StopIteration:
+            break
+        state.bad_images += bad
+        if targets.numel() == 0:
+            state.batch_in_epoch += 1
+            continue
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if cfg.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if fire_start:
+            cbs.fire("on_step_start", state, (inputs, targets))
+        with autocast(device, rt.amp_dtype):
+            outputs = step_model(inputs)
+            loss = opt.loss_fn(outputs.float(), targets)
+        if fire_before:
+            cbs.fire("on_before_backward", state, outputs, loss)
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(loss).backward()
+        if opt.scaler.is_enabled() and (fire_after or cfg.grad_clip):
+            opt.scaler.unscale_(opt.optimizer)  # callbacks and clipping see true gradients
+        if fire_after:
+            cbs.fire("on_after_backward", state, model)
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.scheduler.step()
+        state.step += 1
+        state.batch_in_epoch += 1
+        n = targets.shape[0]
+        count += n
+        loss_sum += loss.detach() * n
+        correct_sum += (outputs.detach().argmax(1) == targets).sum()
+        if fire_end:
+            cbs.fire("on_step_end", state, (inputs, targets), outputs, loss)
+        job.progress.advance(task, n, loss_sum, count, state.sums)
+        stop = bool(job.signals)
+        if stop or (cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0):
+            _fold(state, loss_sum, correct_sum, count)
+            loss_sum.zero_()
+            correct_sum.zero_()
+            count = 0
+            save_checkpoint(job)
+            if stop:
+                raise TrainingInterrupted(job.run, job.signals[0])
+    _fold(state, loss_sum, correct_sum, count)
+    job.progress.stop(task)
+    epoch_time = time.perf_counter() - t0
+    seen = state.sums["count"] - seen_at_start
+    state.last_metrics = {
+        "images_per_sec": seen / epoch_time if epoch_time > 0 else 0.0,
+        "epoch_time": epoch_time,
+    }
+
+
+def validate(job: Job, split: str) -> dict[str, Any]:
+    """Metrics of the model on ``split`` (evaluation events fire around it)."""
+    state, rt, previous = job.state, job.runtime, job.state.phase
+    state.phase, state.eval_split = "eval", split
+    job.cbs.fire("on_evaluation_start", state, split)
+    logits, labels, _ = collect_logits(
+        job.loaders.step_model, job.loaders.make_eval(split), rt.device, rt.amp_dtype,
+        job.cfg.channels_last,
+    )  # fmt: skip
+    metrics = classification_metrics(logits, labels, job.data.class_names)
+    job.cbs.fire("on_evaluation_end", state, split, metrics)
+    state.phase, state.eval_split = previous, None
+    return metrics
+
+
+def end_epoch(job: Job, valid: dict[str, Any]) -> None:
+    """Log the epoch, keep the best weights, apply early stopping, checkpoint."""
+    cfg, state = job.cfg, job.state
+    sums = state.sums
+    metrics = {
+        "epoch": state.epoch + 1,
+        "train_loss": sums["loss"] / max(1, sums["count"]),
+        "train_accuracy": sums["correct"] / max(1, sums["count"]),
+        "valid_loss": valid.get("loss", float("nan")),
+        "valid_accuracy": valid.get("accuracy", float("nan")),
+        "valid_top5": valid.get("top5", float("nan")),
+        "lr": job.opt.optimizer.param_groups[-1]["lr"],
+        **state.last_metrics,
+        "bad_images": state.bad_images,
+    }
+    if cfg.monitor not in metrics:
+        raise UserError(
+            f"monitor {cfg.monitor!r} is not a logged metric "
+            f"(one of: {', '.join(k for k in metrics if k != 'epoch')})"
+        )
+    _log_epoch(job.run, state.step, metrics)
+    state.history.append(metrics)
+    state.last_metrics = metrics
+    value = metrics[cfg.monitor]
+    if state.best_value is None or job.opt.better(value, state.best_value):
+        state.best_value, state.best_epoch, state.stale_epochs = value, state.epoch + 1, 0
+        job.run.save_best(job.model.state_dict())
+    else:
+        state.stale_epochs += 1
+    job.progress.epoch_line(metrics, cfg.epochs, state.best_epoch)
+    job.cbs.fire("on_epoch_end", state, metrics)
+    if cfg.early_stopping and state.stale_epochs >= cfg.early_stopping:
+        state.stop_reason = state.stop_reason or "early_stopping"
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    state.sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    save_checkpoint(job)
+    if job.signals:
+        raise TrainingInterrupted(job.run, job.signals[0])
+
+
+def export_best(job: Job, preprocess) -> TrainResult:
+    """Evaluate the best epoch on the test split (valid when there is none); write RUN/model."""
+    from visiontune.data.splits import export_split_record
+    from visiontune.io import atomic_write_json
+    from visiontune.models.artifact import save_model_dir
+
+    cfg, state, run, model = job.cfg, job.state, job.run, job.model
+    state.phase = "export"
+    job.cbs.fire("on_export_start", state)
+    best = run.load_best()
+    if best is not None:
+        device = next(model.parameters()).device
+        model.load_state_dict({k: v.to(device) for k, v in best.items()})
+    split = "test" if job.data.splits.get("test") else "valid"
+    test_metrics = validate(job, split)
+    test_metrics["split"] = split
+    atomic_write_json(run.evaluation_path(split), test_metrics)
+    best_metrics = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
+    summary = {
+        "best_epoch": state.best_epoch,
+        cfg.monitor: state.best_value,
+        **{f"{split}_{k}": test_metrics.get(k) for k in ("accuracy", "top5", "loss")},
+        "valid_accuracy": best_metrics.get("valid_accuracy"),
+        "bad_images": state.bad_images,
+    }
+    model.to("cpu").to(memory_format=torch.contiguous_format)
+    try:
+        model_dir = save_model_dir(
+            run.model_dir,
+            model,
+            architecture=cfg.model,
+            class_ids=list(job.data.index.class_ids),
+            class_names=job.data.class_names,
+            preprocess=preprocess,
+            metrics=summary,
+            config=cfg.model_dump(mode="json"),
+            name=run.path.name,
+        )
+    except OSError as e:
+        raise UserError(f"cannot write the model to {run.model_dir}: {e.strerror or e}") from e
+    export_split_record(run.path, model_dir)  # the model alone knows which images it saw
+    job.cbs.fire("on_export_end", state, model_dir)
+    if state.bad_images:
+        print(
+            f"warning: {state.bad_images} training image(s) could not be decoded and were "
+            f"skipped (run `visiontune data check {cfg.data}` for the list)",
+            file=sys.stderr,
+        )
+    return TrainResult(
+        run_dir=run.path,
+        model_dir=model_dir,
+        best_epoch=state.best_epoch,
+        best_metrics=best_metrics,
+        history=state.history,
+        test_metrics=test_metrics,
+        stop_reason=state.stop_reason,
+        bad_images=state.bad_images,
+        used_feature_cache=job.loaders is not None and job.loaders.uses_feature_cache,
+    )
+
+
+def _finish(job: Job, result: TrainResult | None) -> None:
+    """Every exit: callbacks release what they hold, the report is written, S3 is synced."""
+    job.state.phase = "done"
+    job.cbs.fire("on_train_end", job.state, result)
+    if job.cfg.report and job.run.path.is_dir() and job.run.config_path.is_file():
+        _write_report(job.run.path)
+    if result is not None:
+        job.run.sync()
+
+
+def _write_report(run_dir: Path) -> None:
+    try:
+        from visiontune.report import write_report
+    except ImportError:
+        return
+    try:
+        write_report(run_dir)
+    except Exception as e:  # the report must never cost the run
+        print(f"warning: could not write the run report: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers of the phases
+
+
+def _fold(state: TrainState, loss_sum, correct_sum, count) -> None:
+    """Add the device-side running sums into the host totals (one sync)."""
+    s = state.sums
+    state.sums = {
+        "loss": s["loss"] + float(loss_sum.item()),
+        "correct": s["correct"] + float(correct_sum.item()),
+        "count": s["count"] + count,
+    }
+
+
+def _log_epoch(run: RunDir, step: int, m: dict[str, float]) -> None:
+    epoch = m["epoch"]
+    run.append_metrics(
+        {
+            "step": step,
+            "epoch": epoch,
+            "split": "train",
+            "loss": m["train_loss"],
+            "accuracy": m["train_accuracy"],
+            "lr": m["lr"],
+            "images_per_sec": m["images_per_sec"],
+            "epoch_time": m["epoch_time"],
+        }
+    )
+    run.append_metrics(
+        {
+            "step": step,
+            "epoch": epoch,
+            "split": "valid",
+            "loss": m["valid_loss"],
+            "accuracy": m["valid_accuracy"],
+            "top5": m["valid_top5"],
+        }
+    )
+
+
+def pull_remote_run(output: str, endpoint_url: str | None = None) -> Path:
+    """For ``--resume s3://...``: copy the remote run directory into its local staging place."""
+    return RunDir.pull(output, endpoint_url).path
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +854,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 # --------------------------------------------------------------------------------------------
-# Run directory and checkpoints
+# RNG and signals
 
 
 def _rng_state() -> dict[str, Any]:
@@ -204,19 +877,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``last.pt`` atomically: a kill during the write leaves the previous one."""
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from e
 
 
 def _signal_guard():
@@ -244,412 +904,6 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-# --------------------------------------------------------------------------------------------
-# The job
-
-
-def train(
-    cfg: TrainConfig,
-    callbacks: Sequence[Callback] = (),
-    *,
-    resume: bool = False,
-) -> TrainResult:
-    """Run a training job described by ``cfg``; write everything under ``cfg.output``.
-
-    Args:
-        cfg: the validated config.
-        callbacks: listeners for loop events (debugger, profiler, loggers, tuner).
-        resume: continue the run in ``cfg.output`` from ``checkpoints/last.pt``.
-
-    Raises:
-        UserError: bad data, bad options, or an existing run directory without ``resume``.
-        TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was saved first.
-    """
-    from visiontune.data.folder import ImageDataset, collate_skip_bad, discover
-    from visiontune.data.transforms import eval_transform, train_transform
-    from visiontune.models.artifact import save_model_dir
-    from visiontune.models.registry import build_model, get_spec, set_trainable
-
-    run_dir, remote = _local_run_dir(cfg.output)
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    if resume:
-        if not ckpt_path.is_file():
-            raise UserError(f"nothing to resume: {ckpt_path} does not exist")
-    elif ckpt_path.is_file() or (run_dir / "model").exists():
-        raise UserError(
-            f"{run_dir} already holds a training run; resume it with "
-            f"`visiontune train --resume {run_dir}` or choose another --output"
-        )
-
-    # ---- validate everything cheap before spending compute
-    spec = get_spec(cfg.model)
-    preprocess = spec.preprocess.with_size(cfg.image_size)
-    if preprocess.input_size < spec.preprocess.min_size:
-        raise UserError(
-            f"image_size {preprocess.input_size} is too small for {cfg.model} "
-            f"(at least {spec.preprocess.min_size})"
-        )
-    if cfg.model == "vit_b_16" and preprocess.input_size != 224:
-        raise UserError("vit_b_16 takes 224 px input only; drop --image-size")
-    device = resolve_device(cfg.device)
-    amp_dtype = autocast_dtype(device, cfg.precision)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    index = discover(
-        cfg.data,
-        endpoint_url=cfg.endpoint_url,
-        split_ratios=cfg.split_ratios,
-        split_seed=cfg.split_seed,
-        record_dir=run_dir,
-        limit_per_class=cfg.limit_per_class,
-    )
-    num_classes = len(index.class_ids)
-    if num_classes < 2:
-        raise UserError(f"{cfg.data} has {num_classes} class; a classifier needs at least 2")
-    if not index.splits.get("train"):
-        raise UserError(f"{cfg.data} has no training images (expected a train/ split)")
-    splits = dict(index.splits)
-    if not splits.get("valid"):
-        splits["train"], splits["valid"] = _carve_valid(splits["train"], cfg.split_seed)
-    n_train = len(splits["train"])
-    if cfg.batch_size > n_train:
-        raise UserError(
-            f"batch_size {cfg.batch_size} is larger than the training split ({n_train} images)"
-        )
-    save_config(cfg, run_dir / "config.yaml")
-
-    # ---- model (seeded: a fresh head, or a random backbone, is the same for the same seed)
-    torch.manual_seed(cfg.seed)
-    model, _ = build_model(cfg.model, num_classes, weights=cfg.weights, dropout=cfg.dropout)
-    set_trainable(model, cfg.trainable)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-
-    # ---- data: cached backbone features (frozen, no augmentation) or images
-    torch.manual_seed(cfg.seed)
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    fast = cfg.frozen_backbone and cfg.augment == "none" and cfg.feature_cache
-    decode = preprocess.resize_size
-
-    def image_loader(split: str, transform, batch: int, sampler=None, shuffle_wrap=False):
-        ds = ImageDataset(
-            _SplitView(index, splits), split, transform, decode_size=decode, s3_cache=cfg.s3_cache
-        )
-        return DataLoader(
-            SeededSamples(ds) if shuffle_wrap else ds,
-            batch_size=batch,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate_skip_bad,
-            pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0 and shuffle_wrap,
-            prefetch_factor=4 if workers > 0 else None,
-            # Its own generator: starting an iterator must not draw from the global RNG,
-            # or a resumed run's dropout stream would shift.
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-
-    eval_batch = max(cfg.batch_size, 64)
-    bad_images = 0
-    if fast:
-        key_parts = {
-            "model": cfg.model,
-            "weights": feature_cache.weights_key(cfg.weights),
-            # A randomly initialised backbone differs per seed.
-            "seed": cfg.seed if cfg.weights == "none" else None,
-            "preprocess": preprocess.to_dict(),
-            "precision": str(amp_dtype),
-        }
-        tensors = {}
-        for split in ("train", "valid", "test"):
-            if not splits.get(split):
-                continue
-            key = feature_cache.feature_key(
-                **key_parts, data=_SplitView(index, splits).fingerprint(split)
-            )
-            loader = image_loader(split, eval_transform(preprocess), eval_batch)
-            f, y, bad = feature_cache.load_or_compute(
-                key, model.backbone, loader, device, amp_dtype, cfg.channels_last
-            )
-            bad_images += bad if split == "train" else 0
-            tensors[split] = TensorDataset(f, y)
-        head_model: nn.Module = model.head
-        train_ds = tensors["train"]
-
-        def make_eval(split):
-            return DataLoader(tensors[split], batch_size=4096, collate_fn=_tensor_collate)
-
-        sampler = EpochSampler(len(train_ds), cfg.seed)
-        train_loader = DataLoader(
-            SeededSamples(train_ds, seeded=False),
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            collate_fn=_tensor_collate,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-    else:
-        head_model = model
-        sampler = EpochSampler(n_train, cfg.seed)
-        train_loader = image_loader(
-            "train", train_transform(preprocess, cfg.augment), cfg.batch_size, sampler, True
-        )
-
-        def make_eval(split):
-            return image_loader(split, eval_transform(preprocess), eval_batch)
-
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.epochs
-    optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_multiplier(cfg, total_steps, steps_per_epoch)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    better = (lambda a, b: a < b) if cfg.monitor_mode == "min" else (lambda a, b: a > b)
-
-    # ---- state, from scratch or from the checkpoint
-    state = TrainState(
-        config=cfg,
-        run_dir=run_dir,
-        model=model,
-        optimizer=optimizer,
-        device=device,
-        num_classes=num_classes,
-        class_names=list(index.class_names),
-        steps_per_epoch=steps_per_epoch,
-    )
-    best_value: float | None = None
-    best_epoch: int | None = None
-    stale_epochs = 0
-    sums = _zero_sums()
-    if resume:
-        ck = load_checkpoint(ckpt_path)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        _set_rng_state(ck["rng"])
-        state.epoch, state.step = ck["epoch"], ck["step"]
-        state.batch_in_epoch = ck["batch_in_epoch"]
-        state.history = list(ck["history"])
-        best_value, best_epoch = ck["best_value"], ck["best_epoch"]
-        stale_epochs = ck["stale_epochs"]
-        sums = {k: float(v) for k, v in ck["sums"].items()}
-        bad_images = ck.get("bad_images", bad_images)
-        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        print(
-            f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}",
-            file=sys.stderr,
-        )
-    elif (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
-
-    def checkpoint() -> None:
-        payload = {
-            "version": CHECKPOINT_VERSION,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": _rng_state(),
-            "epoch": state.epoch,
-            "step": state.step,
-            "batch_in_epoch": state.batch_in_epoch,
-            "sums": sums,
-            "history": state.history,
-            "best_value": best_value,
-            "best_epoch": best_epoch,
-            "stale_epochs": stale_epochs,
-            "bad_images": bad_images,
-        }
-        save_checkpoint(ckpt_path, payload)
-        cbs.fire("on_checkpoint", state, str(ckpt_path))
-        if remote:
-            _sync_up(run_dir, remote, cfg.endpoint_url)
-
-    cbs = CallbackList(list(callbacks))
-    fire_batch = cbs.listens("on_batch_start")
-    fire_step_start = cbs.listens("on_step_start")
-    fire_backward = cbs.listens("on_after_backward")
-    fire_step_end = cbs.listens("on_step_end")
-    received, restore_signals = _signal_guard()
-    progress = _Progress(enabled=cfg.progress)
-    cbs.fire("on_train_start", state)
-    try:
-        while state.epoch < cfg.epochs and state.stop_reason is None:
-            epoch = state.epoch
-            sampler.set_epoch(epoch, state.batch_in_epoch * cfg.batch_size)
-            cbs.fire("on_epoch_start", state)
-            head_model.train()
-            t0 = time.perf_counter()
-            seen_at_start = sums["count"]
-            # Running sums stay on the device: no host sync per step.
-            loss_sum = torch.zeros((), device=device)
-            correct_sum = torch.zeros((), device=device, dtype=torch.long)
-            count = 0
-            task = progress.start(epoch, cfg.epochs, steps_per_epoch, state.batch_in_epoch)
-            data_iter = iter(train_loader)
-            while state.batch_in_epoch < steps_per_epoch:
-                if fire_batch:
-                    cbs.fire("on_batch_start", state)
-                try:
-                    inputs, targets, bad = next(data_iter)
-                except StopIteration:
-                    break
-                bad_images += bad
-                if targets.numel() == 0:
-                    state.batch_in_epoch += 1
-                    continue
-                inputs = inputs.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                if cfg.channels_last and inputs.dim() == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                if fire_step_start:
-                    cbs.fire("on_step_start", state, (inputs, targets))
-                with autocast(device, amp_dtype):
-                    outputs = head_model(inputs)
-                    loss = loss_fn(outputs.float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if fire_backward:
-                    cbs.fire("on_after_backward", state, model)
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
-                    )
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                state.step += 1
-                state.batch_in_epoch += 1
-                n = targets.shape[0]
-                count += n
-                loss_sum += loss.detach() * n
-                correct_sum += (outputs.detach().argmax(1) == targets).sum()
-                if fire_step_end:
-                    cbs.fire("on_step_end", state, (inputs, targets), outputs, loss)
-                progress.advance(task, n, loss_sum, count, sums)
-                if received:
-                    sums = _fold(sums, loss_sum, correct_sum, count)
-                    checkpoint()
-                    raise TrainingInterrupted(run_dir, received[0])
-                if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
-                    sums = _fold(sums, loss_sum, correct_sum, count)
-                    loss_sum.zero_()
-                    correct_sum.zero_()
-                    count = 0
-                    checkpoint()
-            sums = _fold(sums, loss_sum, correct_sum, count)
-            progress.stop(task)
-            epoch_time = time.perf_counter() - t0
-            seen = sums["count"] - seen_at_start
-
-            # ---- evaluate on the valid split
-            logits, labels, _ = collect_logits(
-                head_model, make_eval("valid"), device, amp_dtype, cfg.channels_last
-            )
-            valid = classification_metrics(logits, labels, index.class_names)
-            cbs.fire("on_evaluation_end", state, "valid", valid)
-            metrics = {
-                "epoch": epoch + 1,
-                "train_loss": sums["loss"] / max(1, sums["count"]),
-                "train_accuracy": sums["correct"] / max(1, sums["count"]),
-                "valid_loss": valid.get("loss", float("nan")),
-                "valid_accuracy": valid.get("accuracy", float("nan")),
-                "valid_top5": valid.get("top5", float("nan")),
-                "lr": optimizer.param_groups[-1]["lr"],
-                "images_per_sec": seen / epoch_time if epoch_time > 0 else 0.0,
-                "epoch_time": epoch_time,
-                "bad_images": bad_images,
-            }
-            _log_epoch(run_dir, state.step, metrics)
-            state.history.append(metrics)
-            state.last_metrics = metrics
-            if cfg.monitor not in metrics:
-                raise UserError(
-                    f"monitor {cfg.monitor!r} is not a logged metric "
-                    f"(one of: {', '.join(k for k in metrics if k != 'epoch')})"
-                )
-            value = metrics[cfg.monitor]
-            if best_value is None or better(value, best_value):
-                best_value, best_epoch, stale_epochs = value, epoch + 1, 0
-                _save_best(run_dir, model)
-            else:
-                stale_epochs += 1
-            progress.epoch_line(metrics, cfg.epochs, best_epoch)
-            cbs.fire("on_epoch_end", state, metrics)
-            if cfg.early_stopping and stale_epochs >= cfg.early_stopping:
-                state.stop_reason = state.stop_reason or "early_stopping"
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            sums = _zero_sums()
-            checkpoint()
-            if received:
-                raise TrainingInterrupted(run_dir, received[0])
-    finally:
-        restore_signals()
-        progress.close()
-
-    # ---- the best epoch becomes the model
-    _load_best(run_dir, model)
-    test_split = "test" if splits.get("test") else "valid"
-    logits, labels, _ = collect_logits(
-        head_model, make_eval(test_split), device, amp_dtype, cfg.channels_last
-    )
-    test_metrics = classification_metrics(logits, labels, index.class_names)
-    test_metrics["split"] = test_split
-    atomic_write_json(run_dir / "evaluation.json", test_metrics)
-    best_metrics = next((h for h in state.history if h["epoch"] == best_epoch), {})
-    summary = {
-        "best_epoch": best_epoch,
-        cfg.monitor: best_value,
-        **{f"{test_split}_{k}": test_metrics.get(k) for k in ("accuracy", "top5", "loss")},
-        "valid_accuracy": best_metrics.get("valid_accuracy"),
-        "bad_images": bad_images,
-    }
-    model.to("cpu").to(memory_format=torch.contiguous_format)
-    model_dir = save_model_dir(
-        run_dir / "model",
-        model,
-        architecture=cfg.model,
-        class_ids=list(index.class_ids),
-        class_names=list(index.class_names),
-        preprocess=preprocess,
-        metrics=summary,
-        config=cfg.model_dump(mode="json"),
-        name=run_dir.name,
-    )
-    result = TrainResult(
-        run_dir=run_dir,
-        model_dir=model_dir,
-        best_epoch=best_epoch,
-        best_metrics=best_metrics,
-        history=state.history,
-        test_metrics=test_metrics,
-        stop_reason=state.stop_reason,
-        bad_images=bad_images,
-        used_feature_cache=fast,
-    )
-    if bad_images:
-        print(
-            f"warning: {bad_images} training image(s) could not be decoded and were skipped "
-            f"(run `visiontune data check {cfg.data}` for the list)",
-            file=sys.stderr,
-        )
-    cbs.fire("on_train_end", state, result)
-    if remote:
-        _sync_up(run_dir, remote, cfg.endpoint_url)
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers of the job
-
-
 class _SplitView:
     """The dataset index with the (possibly re-carved) splits the run uses."""
 
@@ -667,122 +921,6 @@ class _SplitView:
             return base
         items = "\n".join(f"{p}\t{y}" for p, y in self.splits[split])
         return hashlib.sha256(f"{base}\n{split}\n{items}".encode()).hexdigest()
-
-
-def _carve_valid(train: list, seed: int, ratio: float = 0.1) -> tuple[list, list]:
-    """Hold out ``ratio`` of each class of train as valid when the dataset has no valid split."""
-    rng = random.Random(seed)
-    by_class: dict[int, list] = {}
-    for item in train:
-        by_class.setdefault(item[1], []).append(item)
-    keep, held = [], []
-    for label in sorted(by_class):
-        items = sorted(by_class[label])
-        rng.shuffle(items)
-        k = max(1, round(len(items) * ratio)) if len(items) > 1 else 0
-        held += items[:k]
-        keep += items[k:]
-    print(
-        f"note: no valid split; holding out {len(held)} training images for validation",
-        file=sys.stderr,
-    )
-    return keep, held
-
-
-def _zero_sums() -> dict[str, float]:
-    return {"loss": 0.0, "correct": 0.0, "count": 0.0}
-
-
-def _fold(sums, loss_sum, correct_sum, count) -> dict[str, float]:
-    """Add the device-side running sums into the host totals (one sync)."""
-    return {
-        "loss": sums["loss"] + float(loss_sum.item()),
-        "correct": sums["correct"] + float(correct_sum.item()),
-        "count": sums["count"] + count,
-    }
-
-
-def _log_epoch(run_dir: Path, step: int, m: dict[str, float]) -> None:
-    epoch = m["epoch"]
-    append_jsonl(
-        run_dir / "metrics.jsonl",
-        {
-            "step": step,
-            "epoch": epoch,
-            "split": "train",
-            "loss": m["train_loss"],
-            "accuracy": m["train_accuracy"],
-            "lr": m["lr"],
-            "images_per_sec": m["images_per_sec"],
-            "epoch_time": m["epoch_time"],
-        },
-    )
-    append_jsonl(
-        run_dir / "metrics.jsonl",
-        {
-            "step": step,
-            "epoch": epoch,
-            "split": "valid",
-            "loss": m["valid_loss"],
-            "accuracy": m["valid_accuracy"],
-            "top5": m["valid_top5"],
-        },
-    )
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    import json
-
-    atomic_write(
-        path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep))
-    )
-
-
-def _save_best(run_dir: Path, model: nn.Module) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(run_dir / "checkpoints" / "best.safetensors", lambda tmp: save_file(state, tmp))
-
-
-def _load_best(run_dir: Path, model: nn.Module) -> None:
-    from safetensors.torch import load_file
-
-    path = run_dir / "checkpoints" / "best.safetensors"
-    if path.is_file():
-        device = next(model.parameters()).device
-        model.load_state_dict({k: v.to(device) for k, v in load_file(str(path)).items()})
-
-
-def _local_run_dir(output: str) -> tuple[Path, str | None]:
-    """A local directory to write into, and the remote URI to mirror it to (``s3://``)."""
-    if "://" not in output or output.startswith("file://"):
-        return Path(output.removeprefix("file://")), None
-    import hashlib
-
-    staging = feature_cache.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
-    return staging, output.rstrip("/")
-
-
-def pull_remote_run(output: str, endpoint_url: str | None = None) -> Path:
-    """For ``--resume s3://...``: copy the remote run directory into its local staging place."""
-    from visiontune.uri import download_tree
-
-    run_dir, remote = _local_run_dir(output)
-    if remote is not None:
-        download_tree(remote, run_dir, endpoint_url)
-    return run_dir
-
-
-def _sync_up(run_dir: Path, remote: str, endpoint_url: str | None) -> None:
-    """Mirror the local run directory to its remote home (S3)."""
-    from visiontune.uri import upload_tree
-
-    upload_tree(run_dir, remote, endpoint_url)
 
 
 class _Progress:
@@ -808,7 +946,7 @@ class _Progress:
             )
 
             self.bar = Progress(
-                TextColumn("[bold]epoch {task.fields[epoch]}"),
+                TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[ips]:.1f} img/s  loss {task.fields[loss]}"),
@@ -826,8 +964,28 @@ class _Progress:
         if self.bar is None:
             return None
         return self.bar.add_task(
-            "train", total=steps, completed=done, epoch=f"{epoch + 1}/{epochs}", ips=0.0, loss="-"
+            f"epoch {epoch + 1}/{epochs}", total=steps, completed=done, ips=0.0, loss="-"
         )
+
+    @contextlib.contextmanager
+    def task(self, label: str, total: int) -> Iterator[Callable[[int], None] | None]:
+        """A bar for a one-off pass (the feature pass); yields ``advance(n_images)``."""
+        if self.bar is None:
+            yield None
+            return
+        bar = self.bar
+        t0 = time.perf_counter()
+        task = bar.add_task(label, total=total, ips=0.0, loss="-")
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            bar.update(task, advance=n, ips=done[0] / max(1e-9, time.perf_counter() - t0))
+
+        try:
+            yield advance
+        finally:
+            bar.remove_task(task)
 
     def advance(self, task, n, loss_sum, count, sums) -> None:
         if self.bar is None:

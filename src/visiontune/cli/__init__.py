@@ -15,11 +15,56 @@ import typer
 
 from visiontune.errors import UserError
 
+
+def _hide_flag_types() -> None:
+    """Show no ``<bool>`` type beside options that take no value (``--json``, ``--help``).
+
+    typer 0.29 labels every option in the help panel with its Python type, flags included,
+    which reads as if ``--json`` took a value; plain click shows nothing for a flag. One
+    wrapper here covers every command, including ``--help`` itself and the sub-apps of other
+    modules. If typer renames the method, this does nothing and the help test says so.
+    """
+    from typer import core
+
+    option = getattr(core, "TyperOption", None)
+    original = getattr(option, "display_type_rich", None)
+    if original is None or getattr(original, "_hides_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return original(self, ctx)
+
+    display_type_rich._hides_flags = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+# Wide enough for any table, so a piped table keeps whole cells instead of "…".
+_PIPE_WIDTH = 10_000
+
+
+def output_console():
+    """A Rich console for tables on stdout: the terminal's width, or unbounded when piped.
+
+    Rich falls back to 80 columns when stdout is not a terminal and cuts cells with "…";
+    a table sent to a file or ``grep`` must keep every value.
+    """
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=_PIPE_WIDTH)
+    return console
+
+
 app = typer.Typer(
     name="visiontune",
     help="Fine-tune, tune, debug, profile and serve image classifiers, locally.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -56,6 +101,23 @@ def _register() -> None:
 _register()
 
 
+def _click_exceptions() -> tuple[type[BaseException], ...]:
+    """The ClickException classes in play: typer's bundled click, and click where installed.
+
+    typer >= 0.24 vendors click as ``typer._click`` and raises its exceptions, which are not
+    ``click.ClickException``; checking only the latter turned every usage error into a
+    traceback. The bundled class is found through the public ``typer.BadParameter``.
+    """
+    found = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:  # typer no longer needs click itself
+        pass
+    return tuple(dict.fromkeys(found))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
@@ -75,9 +137,7 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # click usage errors are user errors too
-        import click
-
-        if isinstance(e, click.ClickException):
+        if isinstance(e, _click_exceptions()):
             e.show()
             sys.exit(e.exit_code)
         if os.environ.get("VISIONTUNE_DEBUG") or not isinstance(e, OSError):

@@ -39,10 +39,11 @@ def check(
 
 
 def _print_report(report) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from visiontune.cli import output_console
+
+    console = output_console()
     splits = list(report.counts)
     table = Table(
         title=f"{report.root}  ({report.total_images} images, {len(report.classes)} classes)"

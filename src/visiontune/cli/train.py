@@ -43,12 +43,19 @@ def train(
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     precision: str = typer.Option(None, help="auto | fp32 | bf16 | fp16."),
     workers: int = typer.Option(None, help="DataLoader workers (default: CPU count)."),
-    early_stopping: int = typer.Option(None, help="Patience in epochs."),
+    early_stopping: int = typer.Option(
+        None,
+        help="Stop after N epochs without improvement of --monitor (patience). "
+        "(tune prunes whole trials with its own rule.)",
+    ),
     monitor: str = typer.Option(None, help="Metric that picks the best epoch."),
     limit_per_class: int = typer.Option(None, help="Use at most N images per class."),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
     checkpoint_every_steps: int = typer.Option(None, help="Also checkpoint every N steps."),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: KEY=VALUE."),
+    callback: list[str] = typer.Option(
+        None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     profile_steps: str = typer.Option(
         None, help="A-B: record steps A..B with torch.profiler (trace in RUN/profile/)."
@@ -65,6 +72,8 @@ def train(
         if k in TrainConfig.model_fields and v is not None and k != "config"
     }
     flags.update(parse_overrides(set_ or []))
+    if callback:
+        flags["callbacks"] = list(callback)
     if resume:
         from visiontune.train import pull_remote_run
 
@@ -115,10 +124,14 @@ def train(
 def evaluate(
     model: str = typer.Argument(..., help="Model directory (RUN/model)."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset folder, s3:// prefix or name."),
-    split: str = typer.Option("test", help="Split to evaluate."),
+    split: str = typer.Option(
+        "test",
+        help="Split to evaluate: train, valid (val) or test. On a folder of class folders, "
+        "the split recorded when the model was trained.",
+    ),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
-    batch_size: int = typer.Option(64),
-    device: str = typer.Option("auto"),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
     json_out: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
 ) -> None:
     """Top-1/top-5 accuracy, per-class precision/recall/F1 and the confusion matrix."""
@@ -130,15 +143,26 @@ def evaluate(
     if json_out:
         typer.echo(json.dumps(m, indent=2))
         return
-    from rich.console import Console
+    _print_evaluation(m)
+
+
+# Up to this many classes the whole confusion matrix fits a table; beyond, the top mistakes.
+_MATRIX_MAX_CLASSES = 12
+
+
+def _print_evaluation(m: dict[str, Any]) -> None:
     from rich.table import Table
 
-    console = Console()
+    from visiontune.cli import output_console
+
+    console = output_console()
     console.print(
-        f"{split}: {m['count']} images  accuracy {m['accuracy']:.4f}  top-5 {m['top5']:.4f}  "
-        f"loss {m['loss']:.4f}  macro F1 {m['macro_f1']:.4f}"
+        f"{m['split']} ({m['split_source']}): {m['count']} images  accuracy "
+        f"{m['accuracy']:.4f}  top-5 {m['top5']:.4f}  loss {m['loss']:.4f}  "
+        f"macro F1 {m['macro_f1']:.4f}"
         + (f"  ({m['bad_images']} unreadable skipped)" if m["bad_images"] else ""),
         highlight=False,
+        markup=False,
     )
     table = Table("class", "precision", "recall", "f1", "support")
     for name, c in m["per_class"].items():
@@ -146,22 +170,48 @@ def evaluate(
             name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"])
         )
     console.print(table)
+    names = list(m["per_class"])
+    if len(names) <= _MATRIX_MAX_CLASSES:
+        matrix = Table("true \\ predicted", *names, title="confusion matrix")
+        for name, row in zip(names, m["confusion_matrix"], strict=True):
+            matrix.add_row(name, *map(str, row))
+        console.print(matrix)
+    confusions = m.get("top_confusions") or []
+    if not confusions:
+        console.print("no confusions: every image was labelled correctly", highlight=False)
+        return
+    top = Table("true class", "predicted as", "images", title="top confusions")
+    for c in confusions:
+        top.add_row(c["true"], c["predicted"], str(c["count"]))
+    console.print(top)
+
+
+def _refuse_folders(images: list[str], model: str | None) -> None:
+    from visiontune.errors import UserError
+
+    for image in images:
+        if Path(image).is_dir():
+            raise UserError(
+                f"{image} is a folder; predict labels image files. To label every image in it: "
+                f"visiontune transform {model or 'MODEL'} --input {image} --output PREDICTIONS"
+            )
 
 
 @app.command()
 def predict(
-    images: list[str] = typer.Argument(..., help="Image files."),
+    images: list[str] = typer.Argument(..., help="Image files (for a folder: `transform`)."),
     model: str = typer.Option(None, "--model", "-m", help="Model directory (RUN/model)."),
     endpoint: str = typer.Option(None, "--endpoint", help="URL of a running endpoint."),
-    top_k: int = typer.Option(5, "--top-k", min=1),
-    device: str = typer.Option("auto"),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classes per image."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Label images with a model directory or a running endpoint."""
+    """Label image files with a model directory or a running endpoint."""
     from visiontune.errors import UserError
 
     if (model is None) == (endpoint is None):
         raise UserError("give exactly one of --model DIR or --endpoint URL")
+    _refuse_folders(images, model)
     if endpoint:
         from visiontune.serving.client import predict_endpoint
 
@@ -180,18 +230,33 @@ def predict(
             best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
             typer.echo(f"{r['image']}: {best}")
     if any("error" in r for r in results):
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
 @app.command()
-def models() -> None:
+def models(
+    json_out: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+) -> None:
     """List the backbones, their input size and where their weights come from."""
-    from rich.console import Console
-    from rich.table import Table
-
     from visiontune.models.registry import REGISTRY
 
+    rows = [
+        {
+            "name": spec.name,
+            "input_size": spec.preprocess.input_size,
+            "weights": spec.weights,
+            "description": spec.description,
+        }
+        for spec in REGISTRY.values()
+    ]
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    from visiontune.cli import output_console
+
     table = Table("name", "input", "weights", "description")
-    for spec in REGISTRY.values():
-        table.add_row(spec.name, str(spec.preprocess.input_size), spec.weights, spec.description)
-    Console().print(table)
+    for row in rows:
+        table.add_row(row["name"], str(row["input_size"]), row["weights"], row["description"])
+    output_console().print(table)

@@ -86,7 +86,7 @@ def _from_archive(spec: DatasetSpec, dest: Path, limit: int | None, progress: bo
 
     root = uris.extract_archive(archive, dest, keep=keep if limit else None)
     if spec.num_classes is not None:
-        from visiontune.data.folder import scan
+        from visiontune.data.layout import scan
 
         layout = scan(str(root))
         found = {c for classes in layout.files.values() for c in classes}
@@ -307,3 +307,18 @@ def fetch(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest / rel_root
+
+
+def resolve(uri: str, limit_per_class: int | None = None) -> str:
+    """A dataset name becomes its local folder (fetched once); any other URI passes through.
+
+    Raises:
+        UserError: ``uri`` is a bare word that is neither an existing path nor a known name.
+    """
+    uri = str(uri)
+    if is_dataset_name(uri):
+        return str(fetch(uri, limit_per_class=limit_per_class))
+    if uris.scheme_of(uri) == "" and not os.path.exists(uri) and os.sep not in uri.rstrip(os.sep):
+        known = ", ".join(sorted(DATASETS))
+        raise UserError(f"{uri!r} is neither an existing path nor a dataset name ({known})")
+    return uri

@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from visiontune import uri as uris
-from visiontune.data import folder
+from visiontune.data import catalog
 from visiontune.data.images import ImageDecodeError, decode_image, extension_matches
+from visiontune.data.layout import Layout, scan
+from visiontune.data.splits import CARVED_VALID_RATIO
 
 IMBALANCE_WARNING_RATIO = 3.0  # largest class / smallest class above this is worth a look
 RARE_FORMAT_FRACTION = 0.05  # a format this rare in a dataset is probably a placeholder/stray
@@ -84,7 +86,7 @@ class _FileResult:
     error: str | None = None
 
 
-def _read_all(layout: folder.Layout, rels: list[str]) -> dict[str, bytes | Exception]:
+def _read_all(layout: Layout, rels: list[str]) -> dict[str, bytes | Exception]:
     """Read many files; S3 reads go out concurrently through s3fs's async ``cat``."""
     paths = {layout.uri_of(r): r for r in rels}
     if uris.scheme_of(layout.root) == "s3":
@@ -150,8 +152,8 @@ def check_dataset(
         UserError: when there is no dataset to check at all (missing path or bucket, empty
             folder, a file instead of a folder, wrong credentials, unknown name).
     """
-    resolved = folder._resolve(uri, endpoint_url, None)
-    layout = folder.scan(resolved, endpoint_url=endpoint_url)
+    resolved = catalog.resolve(uri)
+    layout = scan(resolved, endpoint_url=endpoint_url)
     report = CheckReport(
         root=resolved,
         layout=layout.kind,
@@ -167,6 +169,11 @@ def check_dataset(
         report.notes.append(
             "no split folders: training splits the class folders stratified and seeded "
             "(default 80/10/10) and records the split in the run directory"
+        )
+    elif "valid" not in layout.files:
+        report.notes.append(
+            f"no valid split: training holds out {CARVED_VALID_RATIO:.0%} of each class of "
+            "train for validation"
         )
 
     all_classes = sorted({c for classes in layout.files.values() for c in classes})

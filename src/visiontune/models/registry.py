@@ -56,6 +56,8 @@ class BackboneSpec:
         weights: where ImageNet weights come from, for messages (``torchvision:<enum>``,
             ``package:<name>`` or ``none``).
         description: one line for ``visiontune models``.
+        fixed_size: the architecture takes ``preprocess.input_size`` only (position
+            embeddings of a ViT).
     """
 
     name: str
@@ -64,6 +66,25 @@ class BackboneSpec:
     preprocess: Preprocess
     weights: str
     description: str = ""
+    fixed_size: bool = False
+
+    def preprocess_for(self, image_size: int | None) -> Preprocess:
+        """The preprocessing at ``image_size`` (``None``: the weights' own size).
+
+        Raises:
+            UserError: the architecture cannot take that size.
+        """
+        p = self.preprocess.with_size(image_size)
+        if self.fixed_size and p.input_size != self.preprocess.input_size:
+            raise UserError(
+                f"{self.name} takes {self.preprocess.input_size} px input only; drop --image-size"
+            )
+        if p.input_size < self.preprocess.min_size:
+            raise UserError(
+                f"image_size {p.input_size} is too small for {self.name} "
+                f"(at least {self.preprocess.min_size})"
+            )
+        return p
 
 
 class Classifier(nn.Module):
@@ -311,6 +332,7 @@ def _build_registry() -> dict[str, BackboneSpec]:
             preprocess=_torchvision_preprocess(enum, min_size),
             weights=f"torchvision:{enum}",
             description=f"torchvision {name}, ImageNet-1k weights ({enum.split('.')[-1]})",
+            fixed_size=name.startswith("vit_"),
         )
     reg["efficientnet_lite0"] = BackboneSpec(
         name="efficientnet_lite0",

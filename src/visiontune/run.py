@@ -1,0 +1,249 @@
+"""The one owner of a run directory.
+
+Every file a training run reads back from its own directory goes through :class:`RunDir`:
+where the directory is (local, or a local staging copy mirrored to ``s3://``), the guard
+against writing into another run, checkpoints (checksummed, with the previous good one kept),
+``metrics.jsonl`` (appended, truncated on resume), the best epoch's weights and the evaluation
+file. Stages read a finished run through the same names.
+
+Checkpoints verify themselves: ``checkpoints/digests.json`` lists the SHA-256 of the
+checkpoint files written, and a file whose digest is not listed is damaged. Writing rotates
+``last.pt`` to ``previous.pt`` first, in an order where at every instant at least one file on
+disk matches a listed digest, so a crash or a corrupted file falls back to the previous
+checkpoint instead of training on garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from visiontune.errors import UserError
+from visiontune.io import append_jsonl, atomic_write, atomic_write_json, read_jsonl
+
+CHECKPOINT_VERSION = 2
+# What a checkpoint must hold besides the loop state (visiontune.callbacks.LoopState).
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng")
+# Files that mark a directory as (part of) a training run.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "model")
+
+
+class RunDir:
+    """A run directory: ``path`` is local; ``remote`` (``s3://...``) mirrors it when set."""
+
+    def __init__(self, path: Path, remote: str | None = None, endpoint_url: str | None = None):
+        self.path = path
+        self.remote = remote
+        self.endpoint_url = endpoint_url
+
+    @classmethod
+    def open(cls, output: str, endpoint_url: str | None = None) -> RunDir:
+        """The run directory for ``output`` (a local path, ``file://`` or ``s3://``)."""
+        if "://" not in output or output.startswith("file://"):
+            return cls(Path(output.removeprefix("file://")), None, endpoint_url)
+        from visiontune.features import cache_root
+
+        digest = hashlib.sha256(output.encode()).hexdigest()[:16]
+        return cls(cache_root() / "runs" / digest, output.rstrip("/"), endpoint_url)
+
+    @classmethod
+    def pull(cls, output: str, endpoint_url: str | None = None) -> RunDir:
+        """Open ``output`` and, when it is remote, copy it into its local staging place."""
+        run = cls.open(output, endpoint_url)
+        if run.remote is not None:
+            from visiontune.uri import download_tree
+
+            download_tree(run.remote, run.path, endpoint_url)
+        return run
+
+    def __str__(self) -> str:
+        return self.remote or str(self.path)
+
+    # ---- names
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def previous_checkpoint_path(self) -> Path:
+        return self.path / "checkpoints" / "previous.pt"
+
+    @property
+    def digests_path(self) -> Path:
+        return self.path / "checkpoints" / "digests.json"
+
+    @property
+    def best_weights_path(self) -> Path:
+        return self.path / "checkpoints" / "best.safetensors"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    def evaluation_path(self, split: str = "test") -> Path:
+        """``evaluation.json`` for the test split; ``evaluation-valid.json`` when a dataset
+        has no test split, so the name says which split the numbers come from."""
+        return self.path / ("evaluation.json" if split == "test" else f"evaluation-{split}.json")
+
+    # ---- guards
+    def is_finished(self) -> bool:
+        return (self.model_dir / "model.json").is_file()
+
+    def check_can_start(self, resume: bool) -> None:
+        """Refuse to write into another run, or to resume what cannot be resumed."""
+        if resume:
+            if not (self.checkpoint_path.is_file() or self.previous_checkpoint_path.is_file()):
+                raise UserError(f"nothing to resume: {self.checkpoint_path} does not exist")
+            return
+        present = [m for m in RUN_MARKERS if (self.path / m).exists()]
+        if present:
+            raise UserError(
+                f"{self} already holds a training run ({', '.join(present)}); resume it with "
+                f"`visiontune train --resume {self}` or choose another --output"
+            )
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Create the directory; if the start fails, remove what this start created."""
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            yield
+        except BaseException:
+            if created:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    # ---- checkpoints
+    def save_checkpoint(self, payload: dict[str, Any]) -> Path:
+        """Write ``last.pt`` (the previous one becomes ``previous.pt``) with its digest listed."""
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({"version": CHECKPOINT_VERSION, **payload}, buf)
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        digests = self._digests()
+        last, previous = self.checkpoint_path, self.previous_checkpoint_path
+        if last.is_file():
+            # last.pt's digest stays listed while it moves, so one file always verifies.
+            os.replace(last, previous)
+        try:
+            atomic_write(last, lambda tmp: Path(tmp).write_bytes(data))
+        except OSError as e:
+            raise UserError(f"cannot write checkpoint {last}: {e.strerror or e}") from e
+        atomic_write_json(
+            self.digests_path, {"last.pt": digest, "previous.pt": digests.get("last.pt")}
+        )
+        return last
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The newest checkpoint that verifies; a damaged ``last.pt`` falls back to
+        ``previous.pt`` with a warning.
+
+        Raises:
+            UserError: no checkpoint verifies (each reason in one line).
+        """
+        problems = []
+        for path in (self.checkpoint_path, self.previous_checkpoint_path):
+            if not path.exists():
+                continue
+            try:
+                ck = self._read_checkpoint(path)
+            except ValueError as e:
+                problems.append(f"{path} {e}")
+                continue
+            if problems:
+                print(f"warning: {problems[0]}; resuming from {path.name}", file=sys.stderr)
+            return ck
+        if not problems:
+            raise UserError(f"nothing to resume: {self.checkpoint_path} does not exist")
+        raise UserError(f"{problems[0]}, and there is no earlier good checkpoint; start a new run")
+
+    def _digests(self) -> dict[str, str | None]:
+        try:
+            return json.loads(self.digests_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        import torch
+
+        data = path.read_bytes()
+        if not data:
+            raise ValueError("is empty (0 bytes)")
+        # Without digests.json (a crash before the first one was written) the file is only
+        # checked for being complete.
+        listed = {d for d in self._digests().values() if d}
+        if self.digests_path.exists() and hashlib.sha256(data).hexdigest() not in listed:
+            raise ValueError("is damaged (its checksum does not match)")
+        try:
+            ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot be read: {str(e).splitlines()[0]}") from e
+        from visiontune.callbacks import LoopState
+
+        missing = [k for k in (*CHECKPOINT_KEYS, *LoopState.field_names()) if k not in ck]
+        if missing:
+            raise ValueError(f"is incomplete (missing {', '.join(missing)})")
+        return ck
+
+    # ---- best weights
+    def save_best(self, state_dict: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        try:
+            atomic_write(self.best_weights_path, lambda tmp: save_file(tensors, tmp))
+        except OSError as e:
+            raise UserError(f"cannot write {self.best_weights_path}: {e.strerror or e}") from e
+
+    def load_best(self) -> dict[str, Any] | None:
+        from safetensors.torch import load_file
+
+        if not self.best_weights_path.is_file():
+            return None
+        return load_file(str(self.best_weights_path))
+
+    # ---- metrics
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.metrics_path, record)
+
+    def reset_metrics(self) -> None:
+        self.metrics_path.unlink(missing_ok=True)
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if not self.metrics_path.exists():
+            return
+        keep = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text(text))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+    # ---- remote mirror
+    def sync(self) -> None:
+        """Mirror the local directory to its remote home (no-op for a local run)."""
+        if self.remote is None:
+            return
+        from visiontune.uri import upload_tree
+
+        upload_tree(self.path, self.remote, self.endpoint_url)
