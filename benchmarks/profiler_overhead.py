@@ -103,7 +103,6 @@ def hook_cost(tmp: Path, steps: int, rounds: int) -> None:
 def whole_runs(tmp: Path, rounds: int) -> None:
     from helpers import write_dataset
 
-    from visiontune.callbacks import resolve_callbacks
     from visiontune.io import read_jsonl
     from visiontune.train import train
 
@@ -125,7 +124,7 @@ def whole_runs(tmp: Path, rounds: int) -> None:
             cfg = build_config(
                 TrainConfig, None, {**base, "output": str(out), "profiler": {"enabled": enabled}}
             )
-            train(cfg, resolve_callbacks(cfg))
+            train(cfg)
             epochs = [
                 m["epoch_time"]
                 for m in read_jsonl(out / "metrics.jsonl")

@@ -16,7 +16,6 @@ import pytest
 from chromium import PLOTS_READY, PLOTS_SCRIPT, find_chromium, visit
 from helpers import write_dataset
 
-from visiontune.callbacks import resolve_callbacks
 from visiontune.config import TrainConfig, build_config
 from visiontune.device import available_cores
 from visiontune.report import write_report
@@ -52,9 +51,10 @@ needs_chromium = pytest.mark.skipif(
 
 
 def train_profiled(cfg: TrainConfig):
+    """Train as the CLI does: the profiler comes from the config, the report is written last."""
     from visiontune.train import train
 
-    return train(cfg, resolve_callbacks(cfg))
+    return train(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +153,10 @@ def test_a_sigkilled_run_still_yields_a_report(tmp_path):
     values["profiler"] = {"sample_interval_ms": 100, "flush_seconds": 0.2}
     script = textwrap.dedent(
         f"""
-        from visiontune.callbacks import resolve_callbacks
         from visiontune.config import TrainConfig, build_config
         from visiontune.train import train
         cfg = build_config(TrainConfig, None, {values!r})
-        train(cfg, resolve_callbacks(cfg))
+        train(cfg)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy())

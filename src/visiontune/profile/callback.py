@@ -163,6 +163,17 @@ class ProfilerCallback(Callback):
         if time.perf_counter() - self._last_flush >= self.config.flush_seconds:
             self._flush_steps()
 
+    def on_epoch_start(self, state: TrainState) -> None:
+        # The loop fires on_train_start before it builds its loaders: what they chose is
+        # known from the first epoch on.
+        self.meta.update(
+            workers=state.workers,
+            precision=state.precision,
+            uses_feature_cache=state.uses_feature_cache,
+            steps_per_epoch=state.steps_per_epoch,
+            device=str(state.device) if state.device is not None else self.meta.get("device"),
+        )
+
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._flush_steps()
         self.meta["steps"] = state.step

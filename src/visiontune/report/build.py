@@ -47,7 +47,12 @@ class RunFiles:
         self.dir = run_dir
         self.config = _read_yaml(run_dir / "config.yaml")
         self.metrics = read_jsonl(run_dir / "metrics.jsonl")
-        self.evaluation = _read_json(run_dir / "evaluation.json") or {}
+        # evaluation-valid.json when the dataset has no test split (see RunDir.evaluation_path)
+        self.evaluation = (
+            _read_json(run_dir / "evaluation.json")
+            or _read_json(run_dir / "evaluation-valid.json")
+            or {}
+        )
         self.model = _read_json(run_dir / "model" / "model.json") or {}
         try:
             self.profile = load_profile(run_dir)
