@@ -56,6 +56,7 @@ def run_steps(cbs: CallbackList, state: TrainState, epochs: int = 2, steps: int 
         cbs.fire("on_evaluation_start", state, "valid")
         cbs.fire("on_evaluation_end", state, "valid", {"accuracy": 0.5})
         cbs.fire("on_epoch_end", state, {"epoch": epoch + 1})
+        state.epoch = epoch + 1  # as the loop does: epochs completed, before the checkpoint
         state.phase = "checkpoint"
         cbs.fire("on_checkpoint_start", state)
         cbs.fire("on_checkpoint", state, str(state.run_dir / "checkpoints" / "last.pt"))

@@ -58,10 +58,14 @@ def test_a_profiled_run_times_every_phase_and_writes_its_report(tmp_path):
     assert p.steps["step"].tolist() == [1, 2, 3, 4, 5, 6]
     for col in ("data_wait", "forward", "backward", "optimizer", "loss", "lr"):
         assert not np.isnan(p.steps[col]).any(), col
-    phases = [(x["phase"], x["split"]) for x in p.phases]
-    assert phases.count(("eval", "valid")) == 2
-    assert phases.count(("checkpoint", None)) >= 2
-    assert ("export", None) in phases
+    phases = [(x["phase"], x["split"], x["epoch"]) for x in p.phases]
+    assert [x for x in phases if x[0] == "eval"] == [
+        ("eval", "valid", 1),
+        ("eval", "valid", 2),
+        ("eval", "test", 2),
+    ]
+    assert ("checkpoint", None, 1) in phases and ("checkpoint", None, 2) in phases
+    assert ("export", None, 2) in phases
     meta = json.loads((out / "profile" / "meta.json").read_text())
     assert meta["status"] == "finished" and meta["workers"] == 0 and meta["batch_size"] == 8
     assert meta["precision"] in ("fp32", "bf16", "fp16")

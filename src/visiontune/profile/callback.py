@@ -56,6 +56,7 @@ class ProfilerCallback(Callback):
         self._torch_prof: Any = None
         self._window = config.step_window
         self._step = 0
+        self._epoch = 0  # 0: before the first epoch (the feature cache)
 
     # ------------------------------------------------------------------ run bounds
 
@@ -164,6 +165,9 @@ class ProfilerCallback(Callback):
             self._flush_steps()
 
     def on_epoch_start(self, state: TrainState) -> None:
+        # Phases belong to the epoch that ran last: the loop advances state.epoch before its
+        # checkpoint, and the final evaluation and export come after the last epoch.
+        self._epoch = state.epoch + 1
         # The loop fires on_train_start before it builds its loaders: what they chose is
         # known from the first epoch on.
         self.meta.update(
@@ -215,7 +219,7 @@ class ProfilerCallback(Callback):
             {
                 "phase": phase,
                 "split": split,
-                "epoch": state.epoch + 1,
+                "epoch": self._epoch,
                 "step": state.step,
                 "start": start,
                 "seconds": seconds,

@@ -61,7 +61,10 @@ def table(
     raw_columns: Sequence[int] = (),
 ) -> str:
     """An HTML table; numbers right-aligned. Columns in ``raw_columns`` hold trusted HTML."""
-    out = ["<table><thead><tr>", *(f"<th>{esc(h)}</th>" for h in headers), "</tr></thead><tbody>"]
+    out = ["<table>"]
+    if headers:
+        out += ["<thead><tr>", *(f"<th>{esc(h)}</th>" for h in headers), "</tr></thead>"]
+    out.append("<tbody>")
     for i, row in enumerate(rows):
         cls = row_classes[i] if row_classes and i < len(row_classes) else ""
         out.append(f'<tr class="{esc(cls)}">' if cls else "<tr>")
@@ -78,7 +81,8 @@ def table(
 
 
 def key_values(pairs: Iterable[tuple[str, Any]]) -> str:
-    return table(("", ""), [(k, v) for k, v in pairs])
+    """A two-column table of names and values, with no header row."""
+    return table((), [(k, v) for k, v in pairs])
 
 
 def note(text: str) -> str:
