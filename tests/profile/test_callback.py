@@ -152,3 +152,12 @@ def test_torch_profiler_window_writes_a_trace_and_top_operators(tmp_path):
     assert any("addmm" in o["name"] or "linear" in o["name"] for o in ops)
     meta = json.loads((tmp_path / "profile" / "meta.json").read_text())
     assert meta["torch_profiler"]["first_step"] == 2 and meta["torch_profiler"]["last_step"] == 3
+
+
+def test_only_rank_zero_writes_the_profile(tmp_path):
+    state = make_state(tmp_path, sample_interval_ms=100)
+    state.rank, state.world_size = 1, 2
+    cbs = CallbackList([from_config(state.config)])
+    run_steps(cbs, state, epochs=1, steps=3)
+    cbs.fire("on_train_end", state, object())
+    assert not (tmp_path / "profile").exists()

@@ -66,11 +66,15 @@ class ProfilerCallback(Callback):
         from visiontune.profile.store import SeriesWriter
         from visiontune.profile.timers import PhaseTimer, StepTimer
 
-        self.dir = Path(state.run_dir) / "profile"
-        self.dir.mkdir(parents=True, exist_ok=True)
         cuda = state.device is not None and state.device.type == "cuda"
         self.timer = StepTimer(cuda=cuda)
         self.phases = PhaseTimer()
+        if state.rank != 0:
+            # One profile per run: rank 0 samples the machine (every GPU on it) and times its
+            # steps; other ranks keep their hooks cheap and write nothing.
+            return
+        self.dir = Path(state.run_dir) / "profile"
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.steps_writer = SeriesWriter(self.dir / "steps", key="step")
         self.sampler = SystemSampler(
             self.dir / "system",
@@ -233,7 +237,7 @@ class ProfilerCallback(Callback):
         if self.timer is None:
             return
         rows = self.timer.drain()
-        if rows:
+        if rows and self.steps_writer is not None:
             self.steps_writer.extend(rows)
             self.steps_writer.flush()
 
