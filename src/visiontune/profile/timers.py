@@ -113,15 +113,19 @@ class StepTimer:
                 r["loss"] = v
         for r in rows:
             events = r.pop("_events", None)
-            if events is not None:
+            if events is None:
+                continue
+            try:
                 events[3].synchronize()
                 # Device times replace host times for the GPU's part of the step.
-                if r.get("forward") == r.get("forward"):  # not NaN: the loop fired before_backward
+                if r["forward"] == r["forward"]:  # not NaN: the loop fired before_backward
                     r["forward"] = events[0].elapsed_time(events[1]) / 1000
                     r["backward"] = events[1].elapsed_time(events[2]) / 1000
                 else:
                     r["forward_backward"] = events[0].elapsed_time(events[2]) / 1000
                 r["optimizer"] = events[2].elapsed_time(events[3]) / 1000
+            except RuntimeError:
+                pass  # an event a custom loop never recorded: the host times stay
         return rows
 
 
