@@ -87,8 +87,33 @@ def page_check(report: Path, screenshot: Path):
     return visit(report, script, PLOTS_READY, screenshot=screenshot)
 
 
+def fake_debug_plots(monkeypatch) -> None:
+    """Stand in for ``visiontune.debug.plots.figures(run_dir)``, the debugger's side of the
+    contract, so the report's debugger section is exercised whether or not it is installed."""
+    import types
+
+    import plotly.graph_objects as go
+
+    def figures(run_dir):
+        assert (Path(run_dir) / "debug").is_dir()
+        fig = go.Figure(go.Scatter(x=[1, 2, 3], y=[0.5, 0.3, 0.2], name="gradient norm"))
+        fig.update_layout(title="captured: gradient norm")
+        return [fig]
+
+    plots = types.ModuleType("visiontune.debug.plots")
+    plots.figures = figures
+    package = types.ModuleType("visiontune.debug")
+    package.__path__ = []
+    package.plots = plots
+    monkeypatch.setitem(sys.modules, "visiontune.debug", package)
+    monkeypatch.setitem(sys.modules, "visiontune.debug.plots", plots)
+
+
 @needs_chromium
-def test_report_opens_offline_with_every_section_and_figure_drawn(finished_run, tmp_path):
+def test_report_opens_offline_with_every_section_and_figure_drawn(
+    finished_run, tmp_path, monkeypatch
+):
+    fake_debug_plots(monkeypatch)
     report = write_report(finished_run)
     assert report == finished_run / "report.html"
     page = page_check(report, tmp_path / "report.png")
@@ -96,8 +121,9 @@ def test_report_opens_offline_with_every_section_and_figure_drawn(finished_run, 
     assert page.external_requests() == []
     assert page.result["sections"] == SECTIONS
     plots = page.result["plots"]
-    # curves (epoch, step), system, steps, phases, data loading, confusion matrix
-    assert len(plots) >= 7
+    # curves (epoch, step), debugger, system, steps, phases, data loading, confusion matrix
+    assert len(plots) >= 8
+    assert "captured: gradient norm" in [p["title"] for p in plots]
     for p in plots:
         assert p["traces_with_data"] > 0 and p["marks"] > 0, p
     text = page.result["text"]
