@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from visiontune.debug.config import DebuggerConfig
 from visiontune.errors import UserError
+from visiontune.profile.config import ProfilerConfig
 
 
 class Resolved(BaseModel):
@@ -105,6 +106,7 @@ class TrainConfig(BaseModel):
     debugger: DebuggerConfig | None = Field(
         None, description="capture tensors and run rules while training (docs/debugging.md)"
     )
+    profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
 
     @field_validator("lr")
     @classmethod
