@@ -55,7 +55,9 @@ def default_study_dir(study: str) -> Path:
 
 def minimizes(metric: str) -> bool:
     """A loss is minimised; every other metric (accuracy, throughput) is maximised."""
-    return "loss" in metric
+    from visiontune.config import is_minimised  # the one rule, shared with train's monitor
+
+    return is_minimised(metric)
 
 
 def direction_for(objective: str, direction: str) -> str:

@@ -73,6 +73,7 @@ class Objective:
                 "monitor": objective,  # the best epoch of a trial is its best objective
                 "monitor_mode": mode,
                 "progress": False,
+                "report": False,  # the study's report covers its trials; 3 MB each adds up
             },
         )
         reporter = _Reporter(trial, objective, self.prune)

@@ -119,6 +119,7 @@ def check_batch_sizes(fixed, space: SearchSpace) -> None:
         UserError: the largest batch size in play is larger than the training split.
     """
     from visiontune.data.folder import discover
+    from visiontune.data.splits import resolve_splits
 
     sizes = [fixed.batch_size]
     for p in space.params:
@@ -132,14 +133,8 @@ def check_batch_sizes(fixed, space: SearchSpace) -> None:
         split_seed=fixed.split_seed,
         limit_per_class=limit,
     )
-    train = index.splits.get("train") or []
-    n_train = len(train)
-    if not index.splits.get("valid"):
-        # train() holds out 10% of each class for validation when there is no valid split.
-        per_class: dict[int, int] = {}
-        for _, y in train:
-            per_class[y] = per_class.get(y, 0) + 1
-        n_train -= sum(max(1, round(n * 0.1)) if n > 1 else 0 for n in per_class.values())
+    # The same split train() uses (valid carved out of train when there is none).
+    n_train = len(resolve_splits(index, fixed.split_seed, announce=False).get("train") or [])
     too_big = [b for b in sizes if b > n_train]
     if too_big:
         raise UserError(
@@ -277,7 +272,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     """
     study, storage_url, study_dir = create_study(settings, fixed, space)
     study_dir.mkdir(parents=True, exist_ok=True)
-    fast = fixed.frozen_backbone and fixed.augment == "none" and fixed.feature_cache
+    fast = fixed.uses_feature_cache
     size = space.size()
     if size is not None and size < settings.max_trials:
         # A configuration never runs twice, so a small finite space caps the study.
