@@ -197,6 +197,7 @@ def single_image_latency(model_dir: Path, image: bytes, repeats: int) -> dict[st
     import torch
 
     from visiontune.data.images import load_image
+    from visiontune.errors import UserError
     from visiontune.inference import preprocess_batch
     from visiontune.serving.runtimes import load_runtime
 
@@ -205,8 +206,14 @@ def single_image_latency(model_dir: Path, image: bytes, repeats: int) -> dict[st
         ("torch fp32", "torch", "fp32"),
         ("torch bf16", "torch", "bf16"),
         ("onnxruntime", "onnx", "fp32"),
+        ("openvino", "openvino", "auto"),
+        ("default (auto)", "auto", "auto"),
     ):
-        runtime = load_runtime(name, model_dir, device="cpu", precision=precision)
+        try:
+            runtime = load_runtime(name, model_dir, device="cpu", precision=precision)
+        except UserError as e:  # openvino not installed
+            print(f"  {label}: skipped ({e})")
+            continue
         batch = preprocess_batch([load_image(image)], runtime.info.preprocess)
         for _ in range(3):
             runtime.predict(batch)

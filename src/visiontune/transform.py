@@ -160,7 +160,7 @@ def transform(
         model_dir: a visiontune model directory (local or ``s3://``).
         input_uri: a folder or ``s3://`` prefix of images (searched recursively).
         output_uri: a folder or ``s3://`` prefix; ``predictions.jsonl`` is written there.
-        runtime: ``auto`` (onnxruntime on CPU when installed, else torch), ``torch`` or ``onnx``.
+        runtime: ``auto`` (the fastest installed on CPU), ``torch``, ``onnx`` or ``openvino``.
         batch_size: images predicted together (and written together).
         top_k: classes per image.
         device: ``auto``, ``cpu`` or ``cuda``.

@@ -20,7 +20,8 @@ def serve(
     port: int = typer.Option(8080, help="Port to listen on (SageMaker uses 8080)."),
     runtime: str = typer.Option(
         "auto",
-        help="Inference runtime: auto (onnx on CPU when installed, else torch), torch, onnx.",
+        help="Inference runtime: auto (fastest installed on CPU: openvino, onnx; else torch), "
+        "torch, onnx or openvino.",
     ),
     handler: Path | None = typer.Option(
         None, "--handler", help="A SageMaker-style inference.py overriding model_fn/input_fn/..."
@@ -113,7 +114,9 @@ def transform(
     output: str = typer.Option(
         ..., "--output", help="Folder or s3:// prefix for predictions.jsonl."
     ),
-    runtime: str = typer.Option("auto", help="auto (onnx on CPU when installed), torch or onnx."),
+    runtime: str = typer.Option(
+        "auto", help="auto (fastest installed on CPU), torch, onnx or openvino."
+    ),
     batch_size: int = typer.Option(32, help="Images predicted (and written) together."),
     top_k: int = typer.Option(5, help="Classes per image."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

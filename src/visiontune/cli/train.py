@@ -228,12 +228,10 @@ def predict(
     if json_out:
         typer.echo(json.dumps(results, indent=2))
     else:
+        from visiontune.serving.client import describe_result
+
         for r in results:
-            if "error" in r:
-                typer.echo(f"{r['image']}: error: {r['error']}")
-                continue
-            best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
-            typer.echo(f"{r['image']}: {best}")
+            typer.echo(describe_result(r))
     if any("error" in r for r in results):
         raise SystemExit(1)
 

@@ -80,7 +80,7 @@ class ServeConfig:
     Attributes:
         model_dir: a local model directory (``s3://`` is resolved to a local copy first).
         host, port: where to listen.
-        runtime: ``auto`` (onnxruntime on CPU when installed, else torch), ``torch`` or ``onnx``.
+        runtime: ``auto`` (the fastest installed on CPU), ``torch``, ``onnx`` or ``openvino``.
         handler: a SageMaker-style ``inference.py`` overriding some steps, or ``None``.
         max_batch_size: the most images predicted together.
         max_batch_delay_ms: the longest a request waits for others to share its batch.
