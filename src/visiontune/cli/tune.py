@@ -28,9 +28,10 @@ app.add_typer(tune_app, name="tune")
 
 def _storage_for(study: str, storage: str | None, study_dir: Path | None) -> tuple[str, Path]:
     from visiontune.errors import UserError
-    from visiontune.tuning.study import default_storage
+    from visiontune.tuning._base import default_study_dir
+    from visiontune.tuning.storage import default_storage
 
-    sdir = study_dir or Path("studies") / study
+    sdir = study_dir or default_study_dir(study)
     if storage:
         return storage, sdir
     if not (sdir / "journal.log").is_file():
@@ -187,12 +188,17 @@ def worker(
     ),
     heartbeat: int = typer.Option(10, help="Seconds between trial heartbeats."),
     timeout: float = typer.Option(None, help="Stop starting trials after this many seconds."),
+    worker_index: int = typer.Option(
+        None,
+        "--worker-index",
+        help="This worker's index (seeds its sampler; default: from host and process id).",
+    ),
 ) -> None:
     """Join a study and run trials until it has its budget (run on any number of machines)."""
-    from visiontune.tuning.study import run_worker
+    from visiontune.tuning.workers import run_worker
 
     url, sdir = _storage_for(study, storage, study_dir)
-    n = run_worker(study, url, sdir, heartbeat=heartbeat, timeout=timeout)
+    n = run_worker(study, url, sdir, heartbeat=heartbeat, timeout=timeout, worker=worker_index)
     typer.echo(f"worker done: ran {n} trial(s) of study {study}")
 
 
@@ -204,8 +210,8 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="Print the trials as JSON."),
 ) -> None:
     """A table of the study's trials: state, params, objective, epochs, duration, pruning."""
-    from visiontune.tuning.report import trial_cells, trial_rows
-    from visiontune.tuning.study import load_study, study_config
+    from visiontune.tuning.storage import load_study, study_config
+    from visiontune.tuning.trials import trial_cells, trial_rows
 
     url, _ = _storage_for(study, storage, study_dir)
     s = load_study(study, url)
@@ -243,8 +249,9 @@ def best(
 ) -> None:
     """The best hyperparameters and the path to that trial's model."""
     from visiontune.errors import UserError
-    from visiontune.tuning.study import best_summary, load_study
+    from visiontune.tuning.storage import load_study
     from visiontune.tuning.study import train_best as run_train_best
+    from visiontune.tuning.trials import best_summary
 
     url, sdir = _storage_for(study, storage, study_dir)
     s = load_study(study, url)
@@ -273,7 +280,7 @@ def report(
 ) -> None:
     """Write the self-contained HTML tuning report (plots work offline)."""
     from visiontune.tuning.report import write_report
-    from visiontune.tuning.study import load_study
+    from visiontune.tuning.storage import load_study
 
     url, sdir = _storage_for(study, storage, study_dir)
     path = write_report(load_study(study, url), output or sdir / "report.html")
