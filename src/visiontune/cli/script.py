@@ -62,8 +62,14 @@ def serve_hint(run_dir: Path, source_dir: Path) -> str:
 
 @app.command("run", help=_RUN_HELP)
 def run(
-    script: str = typer.Argument(..., help="The training script (entry_point)."),
+    script: str = typer.Argument(None, help="The training script (entry_point)."),
     extra_args: list[str] = typer.Argument(None, help="Arguments after -- go to the script."),
+    job_config: Path = typer.Option(
+        None,
+        "--job-config",
+        "--config",
+        help="YAML of the notebook's estimator/inputs (see docs/script-mode.md); flags win.",
+    ),
     source_dir: Path = typer.Option(
         None, "--source-dir", help="Folder the script runs from (default: the script's)."
     ),
@@ -101,26 +107,25 @@ def run(
     import json
     from dataclasses import asdict
 
-    from visiontune.script.channels import parse_channel_options
-    from visiontune.script.job import ScriptJob, default_job_name, run_job
-    from visiontune.script.metrics import parse_metric_options
+    from visiontune.script.job import run_job
 
-    name = job_name or default_job_name(script)
-    job = ScriptJob(
-        entry_point=script,
-        output=output or Path("runs") / name,
+    job, _ = _job_from_options(
+        script,
+        job_config,
         source_dir=source_dir,
-        hyperparameters=parse_hyperparameter_options(hyperparameters or []),
-        channels=parse_channel_options(channel or []),
-        metric_definitions=parse_metric_options(metric or [], metric_definitions or []),
-        extra_args=list(extra_args or []),
-        python=python,
+        hyperparameters=hyperparameters,
+        channel=channel,
+        metric=metric,
+        metric_definitions=metric_definitions,
+        output=output,
         max_run=max_run,
-        stop_grace=stop_grace,
         endpoint_url=endpoint_url,
-        job_name=name,
-        echo=not quiet,
+        extra_args=extra_args,
     )
+    if job_name:
+        job.job_name = job_name
+        job.output = output or Path("runs") / job_name
+    job.python, job.stop_grace, job.echo = python, stop_grace, not quiet
     result = run_job(job)
     if json_out:
         typer.echo(json.dumps(asdict(result), indent=2))
@@ -144,3 +149,139 @@ def job_source(result) -> str:
     from visiontune.script.job import read_job
 
     return read_job(result.run_dir)["source_dir"]
+
+
+def _job_from_options(
+    script: str | None,
+    job_config: Path | None,
+    *,
+    source_dir: Path | None,
+    hyperparameters: list[str] | None,
+    channel: list[str] | None,
+    metric: list[str] | None,
+    metric_definitions: list[str] | None,
+    output: Path | None,
+    max_run: float | None,
+    endpoint_url: str | None,
+    extra_args: list[str] | None = None,
+):
+    """A :class:`ScriptJob` from the notebook YAML (if any) overridden by the flags, and the
+    notebook config itself (``None`` without one)."""
+    from visiontune.errors import UserError
+    from visiontune.script.channels import parse_channel_options
+    from visiontune.script.config import load_notebook_config
+    from visiontune.script.job import ScriptJob, default_job_name
+    from visiontune.script.metrics import parse_metric_options
+
+    nb = load_notebook_config(job_config) if job_config else None
+    entry = script or (nb.entry_point if nb else None)
+    if not entry:
+        raise UserError("say which script to run: SCRIPT, --entry-point or --job-config FILE")
+    defs = list(nb.metric_definitions) if nb else []
+    flag_defs = parse_metric_options(metric or [], metric_definitions or [])
+    flag_names = {d.name for d in flag_defs}
+    defs = [d for d in defs if d.name not in flag_names] + flag_defs
+    base_name = nb.base_job_name if nb and nb.base_job_name else entry
+    name = default_job_name(base_name if base_name.endswith(".py") else base_name + ".py")
+    job = ScriptJob(
+        entry_point=entry,
+        output=output or Path("runs") / name,
+        source_dir=source_dir or (nb.source_dir if nb else None),
+        hyperparameters={
+            **(nb.hyperparameters if nb else {}),
+            **parse_hyperparameter_options(hyperparameters or []),
+        },
+        channels={**(nb.inputs if nb else {}), **parse_channel_options(channel or [])},
+        metric_definitions=defs,
+        extra_args=list(extra_args or []),
+        max_run=max_run if max_run is not None else (nb.max_run if nb else None),
+        endpoint_url=endpoint_url,
+        job_name=name,
+    )
+    return job, nb
+
+
+def tune_script_command(**o) -> None:
+    """``visiontune tune --entry-point SCRIPT ...`` (or ``--job-config FILE``): called by the
+    ``tune`` command with all of its options."""
+    import json
+
+    from visiontune.errors import UserError
+    from visiontune.script.config import load_ranges
+    from visiontune.script.tune import tune_script
+    from visiontune.tuning.study import TuneSettings
+
+    job, nb = _job_from_options(
+        o["entry_point"],
+        o["job_config"],
+        source_dir=o["source_dir"],
+        hyperparameters=o["hyperparameters"],
+        channel=o["channel"] or ([f"training={o['data']}"] if o["data"] else None),
+        metric=o["metric"],
+        metric_definitions=o["metric_definitions"],
+        output=None,
+        max_run=o["max_run"],
+        endpoint_url=o["endpoint_url"],
+    )
+    space = load_ranges(o["space"]) if o["space"] else (nb.ranges if nb else None)
+    if space is None:
+        raise UserError("say what to tune: --space SPACE.yaml or tuner.hyperparameter_ranges")
+    objective = o["objective_metric"] or (nb.objective_metric_name if nb else None)
+    if not objective:
+        raise UserError("say what to optimise: --objective-metric NAME (a --metric name)")
+    direction = (o["objective_type"] or (nb.objective_type if nb else "")).lower()
+    if direction not in ("minimize", "maximize"):
+        raise UserError("--objective-type must be minimize or maximize")
+    # The notebook's tuner values apply unless the flag was changed from its default.
+    max_trials = o["max_trials"] if o["max_trials"] != 10 or not nb else (nb.max_jobs or 10)
+    parallel = o["parallel"] if o["parallel"] != 1 or not nb else nb.max_parallel_jobs
+    strategy = o["strategy"] if o["strategy"] != "bayesian" or not nb else nb.strategy
+    early = o["early_stopping"] if o["early_stopping"] != "off" or not nb else nb.early_stopping
+    try:
+        settings = TuneSettings(
+            study=o["study"],
+            study_dir=str(o["study_dir"]) if o["study_dir"] else None,
+            storage=o["storage"],
+            objective=objective,
+            direction=direction,
+            max_trials=max_trials,
+            parallel=parallel,
+            strategy=strategy,
+            early_stopping=early,
+            timeout=o["timeout"],
+            max_retry=o["max_retry"],
+            heartbeat=o["heartbeat"],
+            seed=o["seed"],
+            train_best=o["train_best"],
+        )
+    except Exception as e:
+        from pydantic import ValidationError
+
+        if not isinstance(e, ValidationError):
+            raise
+        err = e.errors()[0]
+        raise UserError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from e
+    result = tune_script(settings, job, space, objective_value=o["objective_value"])
+    summary = {
+        "study": result.study,
+        "study_dir": str(result.study_dir),
+        "trials": result.counts,
+        "best": result.best,
+        "report": str(result.report) if result.report else None,
+        "best_run": str(result.best_run) if result.best_run else None,
+    }
+    if o["json_out"]:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(result.counts.items()))
+    typer.echo(f"study {result.study}: {counts}")
+    if result.best:
+        b = result.best
+        params = " ".join(f"{k}={v}" for k, v in b["params"].items())
+        typer.echo(f"best trial {b['trial']}: {b['objective']}={b['value']:.6g}  {params}")
+    if result.report:
+        typer.echo(f"report: {result.report}")
+    if result.best_run:
+        source = Path(json.loads((result.best_run / "job.json").read_text())["source_dir"])
+        typer.echo(f"final model trained in {result.best_run}")
+        typer.echo(f"serve it: {serve_hint(result.best_run, source)}")
