@@ -261,7 +261,9 @@ def tune_script_command(**o) -> None:
             raise
         err = e.errors()[0]
         raise UserError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from e
-    result = tune_script(settings, job, space, objective_value=o["objective_value"])
+    result = tune_script(
+        settings, job, space, objective_value=o["objective_value"], echo=not o["json_out"]
+    )
     summary = {
         "study": result.study,
         "study_dir": str(result.study_dir),

@@ -70,6 +70,7 @@ def tune_script(
     space: SearchSpace,
     *,
     objective_value: str = "last",
+    echo: bool = True,
 ):
     """Run (or continue) a tuning job whose trials run ``job``'s script.
 
@@ -80,6 +81,7 @@ def tune_script(
             (``output`` is unused: trials run in ``STUDY_DIR/trials/NNNN``).
         space: the tuned hyperparameters' ranges.
         objective_value: ``last`` (SageMaker's) or ``best`` value of the metric in a trial.
+        echo: stream the final (``--train-best``) run's output to this process's.
 
     Returns:
         a :class:`visiontune.tuning.study.TuneResult`.
@@ -159,7 +161,7 @@ def tune_script(
 
         result.report = write_report(study, study_dir / "report.html")
     if settings.train_best:
-        result.best_run = Path(train_best_script(study, study_dir / "best").run_dir)
+        result.best_run = Path(train_best_script(study, study_dir / "best", echo=echo).run_dir)
     return result
 
 
