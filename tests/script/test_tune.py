@@ -135,3 +135,26 @@ def test_best_value_instead_of_last(study, scripts, channel, tmp_path):
         trial, script, {"epochs": 3}, {"lr": 0.1}, "loss", tmp_path / "t", use="best"
     )
     assert value == 1 + 1 / 3 or value == pytest.approx(1.3333)
+
+
+def test_notebook_file_flags_win_and_warm_start(vt, scripts, channel, tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"estimator:\n  entry_point: train.py\n  source_dir: {scripts}\n"
+        "  hyperparameters: {epochs: 1}\n"
+        "  metric_definitions: [{Name: loss, Regex: 'Average loss: ([0-9\\.]+)'}]\n"
+        "tuner:\n  objective_metric_name: loss\n  objective_type: Minimize\n"
+        "  hyperparameter_ranges: {lr: 'ContinuousParameter(0.001, 0.1)'}\n"
+        "  max_jobs: 6\n  max_parallel_jobs: 2\n"
+        f"inputs: {channel}\n"
+    )
+    first = tmp_path / "first"
+    proc = vt("tune", "--job-config", job, "--max-trials", "2", "--parallel", "1",
+              "--study", "a", "--study-dir", first)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "study a: 2 complete" in proc.stdout  # --max-trials 2 beat max_jobs: 6
+    assert "worker done" not in proc.stdout  # --parallel 1 beat max_parallel_jobs: 2
+    proc = vt("tune", "--job-config", job, "--max-trials", "1", "--parallel", "1",
+              "--study", "b", "--study-dir", tmp_path / "second", "--warm-start", first)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "seeded the sampler with 2 earlier trial(s)" in proc.stderr

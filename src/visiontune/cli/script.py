@@ -232,11 +232,20 @@ def tune_script_command(**o) -> None:
     direction = (o["objective_type"] or (nb.objective_type if nb else "")).lower()
     if direction not in ("minimize", "maximize"):
         raise UserError("--objective-type must be minimize or maximize")
-    # The notebook's tuner values apply unless the flag was changed from its default.
-    max_trials = o["max_trials"] if o["max_trials"] != 10 or not nb else (nb.max_jobs or 10)
-    parallel = o["parallel"] if o["parallel"] != 1 or not nb else nb.max_parallel_jobs
-    strategy = o["strategy"] if o["strategy"] != "bayesian" or not nb else nb.strategy
-    early = o["early_stopping"] if o["early_stopping"] != "off" or not nb else nb.early_stopping
+    ctx = o["ctx"]
+
+    def given(name: str) -> bool:
+        # A flag typed on the command line wins over the notebook's tuner values.
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name != "DEFAULT"
+
+    def pick(flag: str, notebook_value):
+        return o[flag] if given(flag) or not nb or notebook_value is None else notebook_value
+
+    max_trials = pick("max_trials", nb.max_jobs if nb else None)
+    parallel = pick("parallel", nb.max_parallel_jobs if nb else None)
+    strategy = pick("strategy", nb.strategy if nb else None)
+    early = pick("early_stopping", nb.early_stopping if nb else None)
     try:
         settings = TuneSettings(
             study=o["study"],
@@ -253,6 +262,7 @@ def tune_script_command(**o) -> None:
             heartbeat=o["heartbeat"],
             seed=o["seed"],
             train_best=o["train_best"],
+            warm_start=list(o["warm_start"] or []),
         )
     except Exception as e:
         from pydantic import ValidationError

@@ -119,7 +119,7 @@ def tune(
     if entry_point or job_config:
         from visiontune.cli.script import tune_script_command
 
-        args = {k: v for k, v in locals().items() if k not in ("ctx", "tune_script_command")}
+        args = {k: v for k, v in locals().items() if k != "tune_script_command"}
         tune_script_command(**args)
         return
     from visiontune.config import TrainConfig, build_config, parse_overrides

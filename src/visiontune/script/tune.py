@@ -137,6 +137,10 @@ def tune_script(
     existing = study.user_attrs.get(ATTR)
     if existing is None:
         study.set_user_attr(ATTR, payload)
+        if settings.warm_start:
+            from visiontune.tuning.study import _warm_start  # the built-in job's, as it is
+
+            _warm_start(study, settings, space, storage_url)
     else:
         for key in ("kind", "script", "fixed", "space", "objective", "direction", "strategy"):
             if existing.get(key) != payload[key]:
