@@ -162,3 +162,39 @@ def test_missing_requirements_are_reported(vt, tmp_path, channel):
     assert "not-a-real-package-xyz==1.0" in proc.stderr and "pyyaml" not in proc.stderr.lower()
     job = json.loads((tmp_path / "run" / "job.json").read_text())
     assert job["missing_requirements"] == ["not-a-real-package-xyz==1.0"]
+
+
+def test_sigterm_to_visiontune_stops_the_script_too(scripts, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "visiontune", "run", str(scripts / "hang.py"),
+         "--hp", "ignore-sigterm=1", "--stop-grace", "1", "--metric", LOSS, "-o", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "metrics.jsonl").exists():  # the script is up and printing
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        script_pid = int((run_dir / "logs" / "stdout.log").read_text().split()[1])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["status"] == "Stopped"
+    assert job["failure_reason"].startswith("the job was terminated (SIGTERM to visiontune)")
+    assert job["failure_reason"].endswith("then SIGKILL after 1 s")  # it ignored SIGTERM
+    try:
+        os.kill(script_pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the script outlived visiontune"

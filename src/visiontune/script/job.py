@@ -380,25 +380,64 @@ def run_job(job: ScriptJob, on_metric: MetricHook | None = None) -> JobResult:
     }
     atomic_write_json(run_dir / "job.json", record)
 
-    running: _Running | None = None
+    stop = _StopRequest()
+    hook_errors: list[str] = []
 
     def on_value(name: str, value: float, step: int) -> None:
-        if on_metric is not None and running is not None and not running.stop_reason:
+        if on_metric is None or stop.reasons or hook_errors:
+            return
+        try:
             reason = on_metric(name, value, step)
-            if reason:
-                running.request_stop(str(reason))
+        except Exception as e:  # the pump must keep draining the pipe whatever the hook does
+            hook_errors.append(f"{type(e).__name__}: {e}")
+            print(
+                f"warning: metric hook failed, no more reports: {hook_errors[0]}", file=sys.stderr
+            )
+            return
+        if reason:
+            stop.request(str(reason))
 
     extractor = MetricExtractor(job.metric_definitions, run_dir / "metrics.jsonl", on_value)
     extractor.start = started
-    running = _Running(command, env.source_dir, _child_env(env, job), logs, job.echo, extractor)
+    running = _Running(
+        command, env.source_dir, _child_env(env, job), logs, job.echo, extractor, stop
+    )
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame) -> None:
+        terminated.append(signum)
+        stop.request("the job was terminated (SIGTERM to visiontune)")
+
+    # A worker told to stop (SIGTERM) stops its script first, instead of orphaning it.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
     try:
         running.supervise(job.max_run, job.stop_grace)
     except KeyboardInterrupt:
-        running.request_stop("interrupted by the user")
+        stop.request("interrupted by the user")
         running.killed = stop_process_group(running.proc, job.stop_grace)
         _finish(job, env, running, extractor, record, started)
         raise
-    return _finish(job, env, running, extractor, record, started)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    result = _finish(job, env, running, extractor, record, started)
+    if terminated:
+        signal.raise_signal(signal.SIGTERM)  # now the caller's own handling of it
+    return result
+
+
+class _StopRequest:
+    """Why the script must stop (the first reason wins), and a wake-up for the supervisor."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.wake = threading.Event()
+
+    def request(self, reason: str) -> None:
+        if not self.reasons:
+            self.reasons.append(reason)
+        self.wake.set()
 
 
 class _Running:
@@ -412,11 +451,13 @@ class _Running:
         logs: Path,
         echo: bool,
         extractor: MetricExtractor,
+        stop: _StopRequest,
     ) -> None:
-        self.stop_reason: list[str] = []
+        self.stop = stop
+        self.stop_reason = stop.reasons
         self.secondary: str | None = None
         self.killed = False
-        self.wake = threading.Event()
+        self.wake = stop.wake
         self.tails = {"stdout": deque(maxlen=TAIL_LINES), "stderr": deque(maxlen=TAIL_LINES)}
         self.proc = subprocess.Popen(
             command,
@@ -450,12 +491,6 @@ class _Running:
         self.proc.wait()
         self.wake.set()
 
-    def request_stop(self, reason: str) -> None:
-        """Ask for a stop (from any thread); the first reason given is the one recorded."""
-        if not self.stop_reason:
-            self.stop_reason.append(reason)
-        self.wake.set()
-
     def supervise(self, max_run: float | None, grace: float) -> None:
         """Wait for the exit, a stop request or ``max_run``; stop the script in the latter two."""
         deadline = None if max_run is None else time.monotonic() + max_run
@@ -463,7 +498,7 @@ class _Running:
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 self.secondary = MAX_RUNTIME_EXCEEDED
-                self.request_stop(
+                self.stop.request(
                     f"MaxRuntimeExceeded: the script ran longer than max_run {max_run:g} s"
                 )
                 break

@@ -1,6 +1,7 @@
 """Prints a metric, then never finishes; --ignore-sigterm makes it shrug off SIGTERM too."""
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ else:
     signal.signal(
         signal.SIGTERM, lambda *_: (print("got SIGTERM, saving", flush=True), sys.exit(0))
     )
+print(f"pid {os.getpid()}", flush=True)
 print("Test set: Average loss: 0.5000, Accuracy: 50.00%", flush=True)
 while True:
     time.sleep(3600)
