@@ -89,13 +89,46 @@ def tune_script(
     Raises:
         UserError: bad input, before any trial runs.
     """
-    import optuna
-
-    from visiontune.tuning._base import ATTR, FORMAT, quiet_optuna
-    from visiontune.tuning.storage import default_storage, load_study, open_storage, redact
+    from visiontune.tuning.storage import load_study
     from visiontune.tuning.study import TuneResult
     from visiontune.tuning.trials import best_summary, trial_counts
     from visiontune.tuning.workers import run_worker, spawn_workers
+
+    storage_url, study_dir = create_script_study(settings, job, space, objective_value)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    _run_workers(settings, storage_url, study_dir, run_worker, spawn_workers)
+    study = load_study(settings.study, storage_url, heartbeat=settings.heartbeat)
+    result = TuneResult(
+        study=settings.study,
+        study_dir=study_dir,
+        storage=storage_url,
+        counts=trial_counts(study),
+        best=best_summary(study),
+    )
+    if settings.report:
+        from visiontune.tuning.report import write_report
+
+        result.report = write_report(study, study_dir / "report.html")
+    if settings.train_best:
+        result.best_run = Path(train_best_script(study, study_dir / "best", echo=echo).run_dir)
+    return result
+
+
+def create_script_study(
+    settings, job: ScriptJob, space: SearchSpace, objective_value: str = "last"
+) -> tuple[str, Path]:
+    """Check everything, then create the script study (or load it to continue).
+
+    Returns:
+        ``(storage_url, study_dir)``.
+
+    Raises:
+        UserError: bad input, or a study of that name with other settings.
+    """
+    import optuna
+
+    from visiontune.tuning._base import ATTR, FORMAT, quiet_optuna
+    from visiontune.tuning.storage import default_storage, open_storage, redact
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if settings.direction not in ("minimize", "maximize"):
@@ -150,23 +183,7 @@ def tune_script(
                 )
         if existing.get("max_trials") != settings.max_trials:
             study.set_user_attr(ATTR, {**existing, "max_trials": settings.max_trials})
-    study_dir.mkdir(parents=True, exist_ok=True)
-    _run_workers(settings, storage_url, study_dir, run_worker, spawn_workers)
-    study = load_study(settings.study, storage_url, heartbeat=settings.heartbeat)
-    result = TuneResult(
-        study=settings.study,
-        study_dir=study_dir,
-        storage=storage_url,
-        counts=trial_counts(study),
-        best=best_summary(study),
-    )
-    if settings.report:
-        from visiontune.tuning.report import write_report
-
-        result.report = write_report(study, study_dir / "report.html")
-    if settings.train_best:
-        result.best_run = Path(train_best_script(study, study_dir / "best", echo=echo).run_dir)
-    return result
+    return storage_url, study_dir
 
 
 def _run_workers(settings, storage_url: str, study_dir: Path, run_worker, spawn_workers) -> None:
