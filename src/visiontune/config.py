@@ -15,7 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from visiontune.debug.config import DebuggerConfig
 from visiontune.errors import UserError
+from visiontune.profile.config import ProfilerConfig
 
 
 class Resolved(BaseModel):
@@ -101,6 +103,10 @@ class TrainConfig(BaseModel):
         default_factory=list,
         description="callbacks by name (debugger, profiler, module:Class) to attach to the loop",
     )
+    debugger: DebuggerConfig | None = Field(
+        None, description="capture tensors and run rules while training (docs/debugging.md)"
+    )
+    profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
 
     @field_validator("lr")
     @classmethod

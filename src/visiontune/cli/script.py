@@ -263,6 +263,7 @@ def tune_script_command(**o) -> None:
             seed=o["seed"],
             train_best=o["train_best"],
             warm_start=list(o["warm_start"] or []),
+            keep_checkpoints=o["keep_checkpoints"],
         )
     except Exception as e:
         from pydantic import ValidationError

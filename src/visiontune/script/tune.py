@@ -110,7 +110,8 @@ def tune_script(
 
         result.report = write_report(study, study_dir / "report.html")
     if settings.train_best:
-        result.best_run = Path(train_best_script(study, study_dir / "best", echo=echo).run_dir)
+        train_best_script(study, study_dir / "best", echo=echo)
+        result.best_run = study_dir / "best"
     return result
 
 
@@ -155,6 +156,7 @@ def create_script_study(
         "max_trials": settings.max_trials,
         "seed": settings.seed,
         "max_retry": settings.max_retry,
+        "keep_checkpoints": settings.keep_checkpoints,
     }
     with quiet_optuna():
         try:
@@ -181,8 +183,9 @@ def create_script_study(
                     f"study {settings.study!r} already exists with a different {key}; continue "
                     "it with the same options, or start a new one with --study NAME"
                 )
-        if existing.get("max_trials") != settings.max_trials:
-            study.set_user_attr(ATTR, {**existing, "max_trials": settings.max_trials})
+        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
+        if any(existing.get(k) != v for k, v in changed.items()):
+            study.set_user_attr(ATTR, {**existing, **changed})
     return storage_url, study_dir
 
 
@@ -217,14 +220,24 @@ def _run_workers(settings, storage_url: str, study_dir: Path, run_worker, spawn_
         raise UserError(f"all {len(procs)} workers failed (exit codes {codes}); see above")
 
 
-def train_best_script(study, output: Path, *, echo: bool = True) -> JobResult:
+def train_best_script(study, output: Path, *, echo: bool = True) -> JobResult | None:
     """Run the script once more with the best trial's hyperparameters, into ``output``.
 
+    As the built-in ``train_best``: when ``output`` already holds a run from the current best
+    trial, nothing runs (returns ``None``); otherwise the previous final run is moved aside
+    while the new one runs, and put back if the script does not complete.
+
     Raises:
-        UserError: the study has no complete trial, or is not a script study.
+        UserError: the study has no complete trial, is not a script study, or the final run
+            did not complete.
     """
+    import json
+    import shutil
+
+    from visiontune.io import atomic_write_json
     from visiontune.script.objective import script_job
     from visiontune.tuning.storage import study_config
+    from visiontune.tuning.study import TRAINED_FROM
     from visiontune.tuning.trials import best_trial
 
     cfg = study_config(study)
@@ -233,19 +246,41 @@ def train_best_script(study, output: Path, *, echo: bool = True) -> JobResult:
     t = best_trial(study)
     if t is None:
         raise UserError(f"study {study.study_name!r} has no complete trial to train from")
-    if (output / "job.json").exists():
-        import shutil
-
-        shutil.rmtree(output)  # the previous final run of this study, replaced
+    source = {"study": study.study_name, "trial": t.number, "params": dict(t.params)}
+    marker = output / TRAINED_FROM
+    if marker.is_file() and (output / "job.json").is_file():
+        try:
+            before = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before == source:
+            print(f"{output} is already trained from trial {t.number}, the best", file=sys.stderr)
+            return None
+    previous = output.with_name(f".{output.name}.previous")
+    if previous.exists():  # a final run was killed: its partial run goes, the previous returns
+        shutil.rmtree(output, ignore_errors=True)
+        previous.rename(output)
+    if output.exists():
+        output.rename(previous)
     job = script_job(cfg["script"], {**cfg.get("fixed", {}), **t.params}, output)
     job.echo = echo
     print(f"training the best configuration (trial {t.number}) in {output}", file=sys.stderr)
     start = time.monotonic()
-    result = run_job(job)
-    if not result.ok:
-        raise UserError(
-            f"the final run with trial {t.number}'s hyperparameters did not complete "
-            f"({result.failure_reason}); see {output}/logs"
-        )
+    try:
+        result = run_job(job)
+        if not result.ok:
+            raise UserError(
+                f"the final run with trial {t.number}'s hyperparameters did not complete "
+                f"({result.failure_reason}); see {output}/logs"
+            )
+    except BaseException:
+        if previous.exists():  # a failed final run must not lose the previous one
+            failed = output.with_name(f"{output.name}.failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            output.rename(failed)
+            previous.rename(output)
+        raise
+    atomic_write_json(marker, source)
+    shutil.rmtree(previous, ignore_errors=True)
     print(f"final run done in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return result

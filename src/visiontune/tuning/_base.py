@@ -28,6 +28,9 @@ METRICS = (
 )
 COUNTED = ("COMPLETE", "PRUNED")  # trial states that use up the budget
 
+# What finished trials keep on disk (--keep-checkpoints); the first is the default.
+KEEP_CHOICES = ("models", "best", "all", "none")
+
 # Trial user attributes (written by the objective and the workers, read by status and report).
 RUN_DIR = "run_dir"
 MODEL_DIR = "model_dir"
@@ -52,7 +55,9 @@ def default_study_dir(study: str) -> Path:
 
 def minimizes(metric: str) -> bool:
     """A loss is minimised; every other metric (accuracy, throughput) is maximised."""
-    return "loss" in metric
+    from visiontune.config import is_minimised  # the one rule, shared with train's monitor
+
+    return is_minimised(metric)
 
 
 def direction_for(objective: str, direction: str) -> str:

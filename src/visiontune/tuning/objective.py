@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -18,10 +19,12 @@ from visiontune.callbacks import Callback
 from visiontune.errors import UserError
 from visiontune.tuning._base import (
     BEST_EPOCH,
+    COUNTED,
     DURATION_S,
     EPOCHS_RUN,
     FAIL_REASON,
     HOST,
+    KEEP_CHOICES,
     MODEL_DIR,
     PID,
     PRUNED_AT_EPOCH,
@@ -70,6 +73,7 @@ class Objective:
                 "monitor": objective,  # the best epoch of a trial is its best objective
                 "monitor_mode": mode,
                 "progress": False,
+                "report": False,  # the study's report covers its trials; 3 MB each adds up
             },
         )
         reporter = _Reporter(trial, objective, self.prune)
@@ -163,3 +167,42 @@ def study_kind(cfg: dict[str, Any]):
         raise UserError(f"this study runs {kind!r} trials, which this visiontune cannot run")
     space_ref, objective_ref = KINDS[kind]
     return _load(space_ref), _load(objective_ref)
+
+
+def tidy_trial_dirs(study, study_dir: Path, keep: str) -> list[Path]:
+    """Delete what ``keep`` does not keep from the run directories of finished trials.
+
+    ``models`` (the default) keeps the model of every complete (or pruned) trial and drops
+    checkpoints, which only a running trial could resume from (a retried trial starts afresh
+    in its own directory);
+    ``best`` keeps only the best trial's model; ``none`` keeps neither (config and metrics
+    stay); ``all`` deletes nothing. Only directories under this machine's ``study_dir`` are
+    touched: another machine's trials are its own to tidy.
+
+    Returns:
+        The directories deleted.
+    """
+    from visiontune.tuning.trials import best_trial, state_of
+
+    if keep not in KEEP_CHOICES:
+        raise ValueError(f"keep must be one of {KEEP_CHOICES}, got {keep!r}")
+    if keep == "all":
+        return []
+    root = (study_dir / "trials").resolve()
+    best = best_trial(study) if keep == "best" else None
+    removed = []
+    for t in study.get_trials(deepcopy=False):
+        run_dir = t.user_attrs.get(RUN_DIR)
+        if not run_dir or not t.state.is_finished() or Path(run_dir).parent != root:
+            continue
+        keep_model = (keep == "models" and state_of(t) in COUNTED) or (
+            best is not None and t.number == best.number
+        )
+        doomed = [Path(run_dir) / "checkpoints"]
+        if not keep_model:
+            doomed.append(Path(run_dir) / "model")
+        for d in doomed:
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed

@@ -44,6 +44,9 @@ from visiontune.tuning.storage import (
 from visiontune.tuning.trials import best_summary, best_trial, counted_trials, trial_counts
 from visiontune.tuning.workers import run_worker, spawn_workers
 
+# Written into the final run (STUDY_DIR/best) to say which trial it was trained from.
+TRAINED_FROM = "trained_from.json"
+
 
 class TuneSettings(BaseModel):
     """How a tuning job runs (the training options live in the fixed ``TrainConfig``)."""
@@ -64,6 +67,9 @@ class TuneSettings(BaseModel):
     heartbeat: int = Field(10, ge=1, description="seconds between trial heartbeats")
     seed: int | None = Field(None, description="sampler seed; default the training seed")
     warm_start: list[str] = Field(default_factory=list)
+    keep_checkpoints: Literal["models", "best", "all", "none"] = Field(
+        "models", description="what finished trials keep on disk (see tidy_trial_dirs)"
+    )
     train_best: bool = False
     report: bool = True
 
@@ -113,6 +119,7 @@ def check_batch_sizes(fixed, space: SearchSpace) -> None:
         UserError: the largest batch size in play is larger than the training split.
     """
     from visiontune.data.folder import discover
+    from visiontune.data.splits import resolve_splits
 
     sizes = [fixed.batch_size]
     for p in space.params:
@@ -126,14 +133,8 @@ def check_batch_sizes(fixed, space: SearchSpace) -> None:
         split_seed=fixed.split_seed,
         limit_per_class=limit,
     )
-    train = index.splits.get("train") or []
-    n_train = len(train)
-    if not index.splits.get("valid"):
-        # train() holds out 10% of each class for validation when there is no valid split.
-        per_class: dict[int, int] = {}
-        for _, y in train:
-            per_class[y] = per_class.get(y, 0) + 1
-        n_train -= sum(max(1, round(n * 0.1)) if n > 1 else 0 for n in per_class.values())
+    # The same split train() uses (valid carved out of train when there is none).
+    n_train = len(resolve_splits(index, fixed.split_seed, announce=False).get("train") or [])
     too_big = [b for b in sizes if b > n_train]
     if too_big:
         raise UserError(
@@ -178,6 +179,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         "strategy": settings.strategy,
         "early_stopping": settings.early_stopping,
         "max_trials": settings.max_trials,
+        "keep_checkpoints": settings.keep_checkpoints,
         "seed": fixed.seed if settings.seed is None else settings.seed,
         "max_retry": settings.max_retry,
     }
@@ -205,8 +207,10 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
                     f"study {settings.study!r} already exists with a different {key}; "
                     f"continue it with the same options, or start a new one with --study NAME"
                 )
-        if existing.get("max_trials") != settings.max_trials:
-            study.set_user_attr(ATTR, {**existing, "max_trials": settings.max_trials})
+        # The budget and what trials keep may change when a study is continued.
+        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
+        if any(existing.get(k) != v for k, v in changed.items()):
+            study.set_user_attr(ATTR, {**existing, **changed})
     return study, storage_url, study_dir
 
 
@@ -268,7 +272,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     """
     study, storage_url, study_dir = create_study(settings, fixed, space)
     study_dir.mkdir(parents=True, exist_ok=True)
-    fast = fixed.frozen_backbone and fixed.augment == "none" and fixed.feature_cache
+    fast = fixed.uses_feature_cache
     size = space.size()
     if size is not None and size < settings.max_trials:
         # A configuration never runs twice, so a small finite space caps the study.
@@ -343,16 +347,52 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
 def train_best(study, output: Path) -> Path:
     """Train the final model with the fixed options and the best trial's parameters.
 
+    Run again after more trials, it trains the new best into ``output`` in place of the model
+    trained from an earlier best; when ``output`` already holds the current best, it says so and
+    trains nothing. The previous final run is moved aside while the new one trains and put back
+    if training fails.
+
     Raises:
         UserError: the study has no complete trial yet.
     """
+    import json
+    import shutil
+
     from visiontune.config import TrainConfig, build_config
+    from visiontune.io import atomic_write_json
     from visiontune.train import train
 
     t = best_trial(study)
     if t is None:
         raise UserError(f"study {study.study_name!r} has no complete trial to train from")
+    source = {"study": study.study_name, "trial": t.number, "params": dict(t.params)}
+    marker = output / TRAINED_FROM
+    if marker.is_file() and (output / "model").is_dir():
+        try:
+            before = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before == source:
+            print(f"{output} is already trained from trial {t.number}, the best", file=sys.stderr)
+            return output
     cfg = study_config(study)
     train_cfg = build_config(TrainConfig, None, {**cfg["fixed"], **t.params, "output": str(output)})
-    result = train(train_cfg)
-    return result.run_dir
+    previous = output.with_name(f".{output.name}.previous")
+    if previous.exists():  # a retraining was killed: its partial run goes, the previous returns
+        shutil.rmtree(output, ignore_errors=True)
+        previous.rename(output)
+    if output.exists():
+        output.rename(previous)
+    try:
+        train(train_cfg)
+    except BaseException:
+        # Put the previous final model back: a failed retraining must not lose it.
+        if previous.exists():
+            shutil.rmtree(output, ignore_errors=True)
+            previous.rename(output)
+        raise
+    atomic_write_json(output / TRAINED_FROM, source)
+    if previous.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        print(f"retrained {output} from trial {t.number}, the new best", file=sys.stderr)
+    return output

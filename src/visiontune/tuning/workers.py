@@ -33,7 +33,7 @@ from visiontune.tuning._base import (
     default_study_dir,
     quiet_optuna,
 )
-from visiontune.tuning.objective import study_kind
+from visiontune.tuning.objective import study_kind, tidy_trial_dirs
 from visiontune.tuning.samplers import make_pruner, make_sampler, taken_points, worker_seed
 from visiontune.tuning.space import SearchSpace
 from visiontune.tuning.storage import claim_lock, load_study, open_storage, study_config
@@ -188,7 +188,10 @@ def run_worker(
             if verbose and claim.reason and claim.reason.startswith("all "):
                 print(f"stopping: {claim.reason}", file=sys.stderr, flush=True)
             break
-        run_trial(study, claim.trial, objective)
+        try:
+            run_trial(study, claim.trial, objective)
+        finally:
+            tidy_trial_dirs(study, study_dir, study_config(study).get("keep_checkpoints", "models"))
         ran += 1
         if verbose:
             _print_trial(study, claim.trial.number)
