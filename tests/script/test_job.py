@@ -198,3 +198,21 @@ def test_sigterm_to_visiontune_stops_the_script_too(scripts, tmp_path):
     except ProcessLookupError:
         alive = False
     assert not alive, "the script outlived visiontune"
+
+
+def test_profile_samples_the_scripts_process_tree(scripts, channel, tmp_path):
+    from visiontune.profile.store import read_series
+
+    job = ScriptJob(
+        entry_point=str(scripts / "train.py"),
+        output=tmp_path / "run",
+        hyperparameters={"epochs": 4, "sleep": 0.25},
+        channels={"training": str(channel)},
+        echo=False,
+        profile=True,
+        profile_interval=0.1,
+    )
+    assert run_job(job).ok
+    table = read_series(tmp_path / "run" / "profile" / "system")
+    workers = table.column("workers").to_pylist()
+    assert max(workers) >= 1  # the script itself, seen as this process's child

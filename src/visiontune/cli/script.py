@@ -102,6 +102,9 @@ def run(
     job_name: str = typer.Option(None, "--job-name", help="Default: script name + timestamp."),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint for s3:// channels."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not echo the script's output."),
+    profile: bool = typer.Option(
+        False, "--profile", help="Sample CPU, memory, GPU and the script's processes (RUN/profile)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     import json
@@ -125,7 +128,7 @@ def run(
     if job_name:
         job.job_name = job_name
         job.output = output or Path("runs") / job_name
-    job.python, job.stop_grace, job.echo = python, stop_grace, not quiet
+    job.python, job.stop_grace, job.echo, job.profile = python, stop_grace, not quiet, profile
     result = run_job(job)
     if json_out:
         typer.echo(json.dumps(asdict(result), indent=2))

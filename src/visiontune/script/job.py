@@ -73,6 +73,10 @@ class ScriptJob:
         job_name: the job's name (default: script name + timestamp, as the SDK makes it).
         echo: stream the script's output to this process's stdout/stderr.
         env: extra environment variables for the script.
+        profile: sample the machine and the script's process tree every
+            ``profile_interval`` seconds into ``RUN/profile/system/`` (the profiler's system
+            sampler: the script and its workers are the ``workers`` columns).
+        profile_interval: seconds between samples.
     """
 
     entry_point: str
@@ -89,6 +93,8 @@ class ScriptJob:
     job_name: str | None = None
     echo: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    profile: bool = False
+    profile_interval: float = 0.5
 
 
 @dataclass
@@ -399,9 +405,11 @@ def run_job(job: ScriptJob, on_metric: MetricHook | None = None) -> JobResult:
 
     extractor = MetricExtractor(job.metric_definitions, run_dir / "metrics.jsonl", on_value)
     extractor.start = started
+    sampler = _start_sampler(job, run_dir)
     running = _Running(
         command, env.source_dir, _child_env(env, job), logs, job.echo, extractor, stop
     )
+    running.sampler = sampler
     terminated: list[int] = []
 
     def on_sigterm(signum, frame) -> None:
@@ -425,6 +433,18 @@ def run_job(job: ScriptJob, on_metric: MetricHook | None = None) -> JobResult:
     if terminated:
         signal.raise_signal(signal.SIGTERM)  # now the caller's own handling of it
     return result
+
+
+def _start_sampler(job: ScriptJob, run_dir: Path) -> Any:
+    """The profiler's system sampler over this process and its children (the script's tree),
+    or ``None`` when not asked for."""
+    if not job.profile:
+        return None
+    from visiontune.profile.sampler import SystemSampler
+
+    sampler = SystemSampler(run_dir / "profile" / "system", interval=job.profile_interval)
+    sampler.start()
+    return sampler
 
 
 class _StopRequest:
@@ -454,6 +474,7 @@ class _Running:
         stop: _StopRequest,
     ) -> None:
         self.stop = stop
+        self.sampler: Any = None
         self.stop_reason = stop.reasons
         self.secondary: str | None = None
         self.killed = False
@@ -526,6 +547,8 @@ def _finish(
     started: float,
 ) -> JobResult:
     code = running.finish()
+    if running.sampler is not None:
+        running.sampler.stop()
     stop_reason, secondary, killed, tails = (
         running.stop_reason,
         running.secondary,
