@@ -230,7 +230,7 @@ def load_ranges(path: str | Path) -> SearchSpace:
     Raises:
         UserError: a missing or malformed file.
     """
-    data = _load_yaml(path)
+    data = _load_yaml(path, "space file")
     if isinstance(data, dict) and "hyperparameter_ranges" in data:
         data = data["hyperparameter_ranges"]
     return parse_ranges(data)
@@ -259,12 +259,12 @@ class NotebookConfig:
     early_stopping: str = "off"
 
 
-def _load_yaml(path: str | Path) -> Any:
+def _load_yaml(path: str | Path, what: str = "config file") -> Any:
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file not found: {p}")
+        raise UserError(f"{what} not found: {p}")
     try:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
