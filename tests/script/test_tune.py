@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import HYMENOPTERA
 
 from visiontune.io import read_jsonl
 from visiontune.script.objective import run_script_trial
@@ -25,8 +26,10 @@ def test_tune_six_trials_in_parallel_picks_the_best_printed_metric(vt, scripts, 
         "optimizer: {type: categorical, values: [sgd]}\n"
     )
     study_dir = tmp_path / "study"
+    # The real photos where the checkout has them (the script only counts its files).
+    data = HYMENOPTERA / "train" if HYMENOPTERA.is_dir() else channel
     proc = vt(
-        "tune", "--entry-point", scripts / "train.py", "--channel", f"training={channel}",
+        "tune", "--entry-point", scripts / "train.py", "--channel", f"training={data}",
         "--hp", "epochs=2", "--metric", LOSS, "--objective-metric", "average test loss",
         "--objective-type", "minimize", "--space", space, "--max-trials", "6",
         "--parallel", "2", "--strategy", "grid", "--study", "s", "--study-dir", study_dir,
