@@ -92,8 +92,46 @@ def tune(
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     limit_per_class: int = typer.Option(None, help="Use at most N images per class."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    entry_point: str = typer.Option(
+        None, "--entry-point", help="Tune your own training script (script mode)."
+    ),
+    job_config: Path = typer.Option(
+        None, "--job-config", help="Script mode: YAML of the notebook's estimator/tuner/inputs."
+    ),
+    source_dir: Path = typer.Option(None, "--source-dir", help="Script mode: the script's folder."),
+    hyperparameters: list[str] = typer.Option(
+        None, "--hyperparameters", "--hp", help="Script mode: fixed NAME=VALUE (repeatable)."
+    ),
+    channel: list[str] = typer.Option(
+        None, "--channel", help="Script mode: NAME=FOLDER or NAME=s3://PREFIX (repeatable)."
+    ),
+    metric: list[str] = typer.Option(
+        None, "--metric", help="Script mode: NAME=REGEX metric definition (repeatable)."
+    ),
+    metric_definitions: list[str] = typer.Option(
+        None, "--metric-definitions", help="Script mode: YAML/JSON [{Name, Regex}] file."
+    ),
+    objective_metric: str = typer.Option(
+        None, "--objective-metric", help="Script mode: the metric definition to optimise."
+    ),
+    objective_type: str = typer.Option(
+        None, "--objective-type", help="Script mode: minimize | maximize."
+    ),
+    objective_value: str = typer.Option(
+        "last", "--objective-value", help="Script mode: last (SageMaker's) or best value."
+    ),
+    max_run: float = typer.Option(
+        None, "--max-run", help="Script mode: seconds before a trial's script is stopped."
+    ),
+    endpoint_url: str = typer.Option(None, help="Script mode: S3 endpoint for s3:// channels."),
 ) -> None:
     if ctx.invoked_subcommand is not None:
+        return
+    if entry_point or job_config:
+        from visiontune.cli.script import tune_script_command
+
+        args = {k: v for k, v in locals().items() if k != "tune_script_command"}
+        tune_script_command(**args)
         return
     from visiontune.config import TrainConfig, build_config, parse_overrides
     from visiontune.errors import UserError
@@ -271,7 +309,7 @@ def best(
 ) -> None:
     """The best hyperparameters and the path to that trial's model."""
     from visiontune.errors import UserError
-    from visiontune.tuning.storage import load_study
+    from visiontune.tuning.storage import load_study, study_config
     from visiontune.tuning.study import train_best as run_train_best
     from visiontune.tuning.trials import best_summary
 
@@ -280,7 +318,12 @@ def best(
     summary = best_summary(s)
     if summary is None:
         raise UserError(f"study {study!r} has no complete trial yet")
-    if train_best:
+    if train_best and study_config(s).get("kind") == "script":
+        from visiontune.script.tune import train_best_script
+
+        train_best_script(s, sdir / "best")
+        summary["best_run"] = str(sdir / "best")
+    elif train_best:
         summary["best_run"] = str(run_train_best(s, sdir / "best"))
     if json_out:
         typer.echo(json.dumps(summary, indent=2))

@@ -137,6 +137,38 @@ class _Reporter(Callback):
             state.stop_reason = "pruned"
 
 
+# What a study's trials run, by the ``kind`` stored in its config (default ``train``): the
+# parser of its stored space and the objective class. Named as "module:attribute" and imported
+# on use, so tuning never imports the kinds built on top of it (script mode).
+KINDS = {
+    "train": ("visiontune.tuning.space:parse_space", "visiontune.tuning.objective:Objective"),
+    "script": (
+        "visiontune.script.config:parse_ranges",
+        "visiontune.script.objective:ScriptObjective",
+    ),
+}
+
+
+def _load(ref: str):
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def study_kind(cfg: dict[str, Any]):
+    """``(parse_space, objective_class)`` for the study config ``cfg``.
+
+    Raises:
+        UserError: a kind this version of visiontune does not know.
+    """
+    kind = cfg.get("kind", "train")
+    if kind not in KINDS:
+        raise UserError(f"this study runs {kind!r} trials, which this visiontune cannot run")
+    space_ref, objective_ref = KINDS[kind]
+    return _load(space_ref), _load(objective_ref)
+
+
 def tidy_trial_dirs(study, study_dir: Path, keep: str) -> list[Path]:
     """Delete what ``keep`` does not keep from the run directories of finished trials.
 

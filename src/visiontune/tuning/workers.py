@@ -33,9 +33,9 @@ from visiontune.tuning._base import (
     default_study_dir,
     quiet_optuna,
 )
-from visiontune.tuning.objective import Objective, tidy_trial_dirs
+from visiontune.tuning.objective import study_kind, tidy_trial_dirs
 from visiontune.tuning.samplers import make_pruner, make_sampler, taken_points, worker_seed
-from visiontune.tuning.space import SearchSpace, parse_space
+from visiontune.tuning.space import SearchSpace
 from visiontune.tuning.storage import claim_lock, load_study, open_storage, study_config
 from visiontune.tuning.trials import counted_trials, fmt_params, state_of
 
@@ -156,7 +156,8 @@ def run_worker(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     probe = load_study(study_name, storage_url, heartbeat=heartbeat)
     cfg = study_config(probe)
-    space = parse_space(cfg["space"])
+    parse_kind_space, objective_class = study_kind(cfg)
+    space = parse_kind_space(cfg["space"])
     max_epochs = int(cfg["fixed"].get("epochs", 1))
     for p in space.params:
         if p.name == "epochs":
@@ -170,7 +171,7 @@ def run_worker(
             study_name=study_name, storage=storage, sampler=sampler, pruner=pruner
         )
     study_dir = Path(study_dir) if study_dir else default_study_dir(study_name)
-    objective = objective or Objective(cfg, study_dir)
+    objective = objective or objective_class(cfg, study_dir)
     lock = claim_lock(study)
     deadline = time.monotonic() + timeout if timeout else None
     ran = 0
