@@ -249,3 +249,28 @@ def test_healthy_run_keeps_every_rule_quiet(hymenoptera, tmp_path):
     fired = {k: v.message for k, v in res.items() if v.triggered}
     assert not fired
     assert sum(v.datapoints for v in res.values()) > 20
+
+
+def test_train_debug_flag_through_the_console_entry_point(image_dataset, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    base = [sys.executable, "-m", "visiontune"]
+    train_args = [
+        "train", "--data", str(image_dataset), "--output", str(run), "--model", "tiny_cnn",
+        "--weights", "none", "--trainable", "all", "--epochs", "1", "--workers", "0",
+        "--batch-size", "8", "--debug",
+    ]  # fmt: skip
+    proc = subprocess.run(base + train_args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [*base, "debug", str(run), "--tensors", "loss", "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = {i["name"]: i for i in json.loads(proc.stdout)}
+    assert names["loss"]["steps"] == [0, 2]  # step 0 (TRAIN, interval 100) and the EVAL at 2
+    assert "metrics/loss" in names
+    verdicts = json.loads((run / "debug" / "rule_results.json").read_text())["rules"]
+    assert {v["rule"] for v in verdicts} == {
+        "LossNotDecreasing", "Overfit", "Overtraining", "ExplodingTensor", "StalledTraining",
+    }  # fmt: skip
