@@ -203,10 +203,15 @@ class Debugger(Callback):
         self._materialize()
         self._saving = False
         self._mode = "TRAIN"
+        what = " and ".join(
+            w
+            for c, w in (("activations", "backbone activations"), ("inputs", "input images"))
+            if c in self.collections
+        )
         self._note(
-            f"backbone activations and input images of the {split} split were captured during "
-            f"the feature-cache pass (mode FEATURES, first {self.cfg.feature_pass_samples} "
-            "images), not per training step: the frozen backbone runs only then"
+            f"{what} of the {split} split were captured during the feature-cache pass "
+            f"(mode FEATURES, first {self.cfg.feature_pass_samples} images), not per training "
+            "step: the frozen backbone runs only then"
         )
         self._flush()
 
