@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from visiontune.debug.config import DebuggerConfig
 from visiontune.errors import UserError
+from visiontune.profile.config import ProfilerConfig
 
 
 class Resolved(BaseModel):
@@ -105,6 +106,7 @@ class TrainConfig(BaseModel):
     debugger: DebuggerConfig | None = Field(
         None, description="capture tensors and run rules while training (docs/debugging.md)"
     )
+    profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
 
     @field_validator("lr")
     @classmethod
@@ -125,8 +127,11 @@ class TrainConfig(BaseModel):
     @field_validator("split_ratios")
     @classmethod
     def _ratios(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(r < 0 for r in v) or v[0] <= 0 or abs(sum(v) - 1.0) > 1e-6:
-            raise ValueError(f"split_ratios must be >= 0, train > 0, and sum to 1, got {v}")
+        from visiontune.data.splits import split_ratio_error
+
+        problem = split_ratio_error(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")

@@ -279,6 +279,7 @@ def _resolve_runtime(cfg: TrainConfig) -> Runtime:
 def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
     """Discover the dataset and the splits this run uses (recorded in the run directory)."""
     from visiontune.data.folder import discover
+    from visiontune.data.splits import resolve_splits
 
     index = discover(
         cfg.data,
@@ -291,11 +292,7 @@ def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
     num_classes = len(index.class_ids)
     if num_classes < 2:
         raise UserError(f"{cfg.data} has {num_classes} class; a classifier needs at least 2")
-    if not index.splits.get("train"):
-        raise UserError(f"{cfg.data} has no training images (expected a train/ split)")
-    splits = dict(index.splits)
-    if not splits.get("valid"):
-        splits["train"], splits["valid"] = _carve_valid(splits["train"], cfg.split_seed)
+    splits = resolve_splits(index, cfg.split_seed)
     n_train = len(splits["train"])
     if cfg.batch_size > n_train:
         raise UserError(
@@ -623,6 +620,7 @@ def end_epoch(job: Job, valid: dict[str, Any]) -> None:
 
 def export_best(job: Job, preprocess) -> TrainResult:
     """Evaluate the best epoch on the test split (valid when there is none); write RUN/model."""
+    from visiontune.data.splits import export_split_record
     from visiontune.io import atomic_write_json
     from visiontune.models.artifact import save_model_dir
 
@@ -660,6 +658,7 @@ def export_best(job: Job, preprocess) -> TrainResult:
         )
     except OSError as e:
         raise UserError(f"cannot write the model to {run.model_dir}: {e.strerror or e}") from e
+    export_split_record(run.path, model_dir)  # the model alone knows which images it saw
     job.cbs.fire("on_export_end", state, model_dir)
     if state.bad_images:
         print(
@@ -703,11 +702,6 @@ def _write_report(run_dir: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Helpers of the phases
-
-
-def _tensor_collate(batch):
-    xs, ys = zip(*batch, strict=True)
-    return torch.stack(xs), torch.stack(ys), 0
 
 
 def _fold(state: TrainState, loss_sum, correct_sum, count) -> None:
@@ -927,26 +921,6 @@ class _SplitView:
             return base
         items = "\n".join(f"{p}\t{y}" for p, y in self.splits[split])
         return hashlib.sha256(f"{base}\n{split}\n{items}".encode()).hexdigest()
-
-
-def _carve_valid(train: list, seed: int, ratio: float = 0.1) -> tuple[list, list]:
-    """Hold out ``ratio`` of each class of train as valid when the dataset has no valid split."""
-    rng = random.Random(seed)
-    by_class: dict[int, list] = {}
-    for item in train:
-        by_class.setdefault(item[1], []).append(item)
-    keep, held = [], []
-    for label in sorted(by_class):
-        items = sorted(by_class[label])
-        rng.shuffle(items)
-        k = max(1, round(len(items) * ratio)) if len(items) > 1 else 0
-        held += items[:k]
-        keep += items[k:]
-    print(
-        f"note: no valid split; holding out {len(held)} training images for validation",
-        file=sys.stderr,
-    )
-    return keep, held
 
 
 class _Progress:

@@ -29,7 +29,7 @@ def test_overrides_are_yaml_typed():
         ({"data": "x", "lr": -1}, "lr must be > 0"),
         ({"data": "x", "trainable": "last:0"}, "trainable must be head, all or last:N"),
         ({"data": "x", "optimizer": "rmsprop"}, "'optimizer'"),
-        ({"data": "x", "split_ratios": [0.5, 0.2, 0.2]}, "sum to 1"),
+        ({"data": "x", "split_ratios": [0.5, 0.2, 0.2]}, "adding up to 1"),
     ],
 )
 def test_bad_values_fail_in_one_line(values, message):

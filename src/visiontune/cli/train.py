@@ -43,7 +43,11 @@ def train(
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     precision: str = typer.Option(None, help="auto | fp32 | bf16 | fp16."),
     workers: int = typer.Option(None, help="DataLoader workers (default: CPU count)."),
-    early_stopping: int = typer.Option(None, help="Patience in epochs."),
+    early_stopping: int = typer.Option(
+        None,
+        help="Stop after N epochs without improvement of --monitor (patience). "
+        "(tune prunes whole trials with its own rule.)",
+    ),
     monitor: str = typer.Option(None, help="Metric that picks the best epoch."),
     limit_per_class: int = typer.Option(None, help="Use at most N images per class."),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
@@ -54,6 +58,9 @@ def train(
     ),
     debug: bool = typer.Option(False, "--debug", help="Turn the debugger on (docs/debugging.md)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    profile_steps: str = typer.Option(
+        None, help="A-B: record steps A..B with torch.profiler (trace in RUN/profile/)."
+    ),
 ) -> None:
     from visiontune.config import TrainConfig, build_config, parse_overrides
     from visiontune.errors import UserError
@@ -83,6 +90,14 @@ def train(
         from visiontune.debug.config import DebuggerConfig
 
         cfg.debugger = (cfg.debugger or DebuggerConfig()).model_copy(update={"enabled": True})
+    if profile_steps:
+        from visiontune.profile.config import parse_step_window
+
+        try:
+            parse_step_window(profile_steps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        cfg.profiler.profile_steps = profile_steps  # the rest of the profiler section is kept
     try:
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:
