@@ -249,3 +249,55 @@ def test_healthy_run_keeps_every_rule_quiet(hymenoptera, tmp_path):
     fired = {k: v.message for k, v in res.items() if v.triggered}
     assert not fired
     assert sum(v.datapoints for v in res.values()) > 20
+
+
+def test_train_debug_flag_through_the_console_entry_point(image_dataset, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    base = [sys.executable, "-m", "visiontune"]
+    train_args = [
+        "train", "--data", str(image_dataset), "--output", str(run), "--model", "tiny_cnn",
+        "--weights", "none", "--trainable", "all", "--epochs", "1", "--workers", "0",
+        "--batch-size", "8", "--debug",
+    ]  # fmt: skip
+    proc = subprocess.run(base + train_args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [*base, "debug", str(run), "--tensors", "loss", "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = {i["name"]: i for i in json.loads(proc.stdout)}
+    assert names["loss"]["steps"] == [0, 2]  # step 0 (TRAIN, interval 100) and the EVAL at 2
+    assert "metrics/loss" in names
+    verdicts = json.loads((run / "debug" / "rule_results.json").read_text())["rules"]
+    assert {v["rule"] for v in verdicts} == {
+        "LossNotDecreasing", "Overfit", "Overtraining", "ExplodingTensor", "StalledTraining",
+    }  # fmt: skip
+
+
+def test_feature_cache_pass_is_captured_and_said_so(image_dataset, tmp_path):
+    cfg = debug_cfg(
+        image_dataset, tmp_path / "run", ["CheckInputImages", "DeadRelu"],
+        {"collections": ["activations", "inputs"], "feature_pass_samples": 8},
+        trainable="head", augment="none", epochs=1,
+    )  # fmt: skip
+    result = run_train(cfg)
+    assert result.used_feature_cache
+    trial = Trial(tmp_path / "run")
+    relu = trial.tensor("backbone.stem.2_output_0")
+    assert relu.steps(modes.FEATURES) == [0]  # the first batch of each split's pass only
+    assert relu.steps(modes.TRAIN) == []
+    splits = {r["split"] for r in trial.rows() if r["mode"] == "FEATURES"}
+    assert splits == {"train", "valid", "test"}
+    images = [r for r in trial.rows() if r["name"] == "inputs" and r["mode"] == "FEATURES"]
+    assert all(r["kind"] == "images" and len(r["channel_mean"]) == 3 for r in images)
+    assert any("feature-cache pass" in n for n in trial.meta["not_captured"])
+    res = results(tmp_path / "run")
+    assert res["CheckInputImages"].datapoints == 1 and res["DeadRelu"].datapoints > 0
+
+    # A second run reads the cached features: the backbone never runs, and it says so.
+    again = cfg.model_copy(update={"output": str(tmp_path / "again")})
+    run_train(again)
+    meta = Trial(tmp_path / "again").meta
+    assert any("not captured" in n for n in meta["not_captured"])

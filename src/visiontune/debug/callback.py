@@ -111,6 +111,13 @@ class Debugger(Callback):
 
     def on_train_start(self, state: TrainState) -> None:
         self._state = state
+        if state.rank != 0:
+            # One writer per run: other data-parallel ranks hold the same weights.
+            from visiontune.debug.config import SaveConfigMode
+
+            self.train_save = self.eval_save = SaveConfigMode(save_steps=[-1])
+            self.collections = set()
+            return
         self.debug_dir = Path(state.run_dir) / store.DEBUG_DIR
         if state.resumed or state.step > 0 or state.epoch > 0:
             # The loop restores the checkpoint after this event: the step to resume from is
@@ -196,10 +203,15 @@ class Debugger(Callback):
         self._materialize()
         self._saving = False
         self._mode = "TRAIN"
+        what = " and ".join(
+            w
+            for c, w in (("activations", "backbone activations"), ("inputs", "input images"))
+            if c in self.collections
+        )
         self._note(
-            f"backbone activations and input images of the {split} split were captured during "
-            f"the feature-cache pass (mode FEATURES, first {self.cfg.feature_pass_samples} "
-            "images), not per training step: the frozen backbone runs only then"
+            f"{what} of the {split} split were captured during the feature-cache pass "
+            f"(mode FEATURES, first {self.cfg.feature_pass_samples} images), not per training "
+            "step: the frozen backbone runs only then"
         )
         self._flush()
 

@@ -93,7 +93,6 @@ class DebuggerConfig(BaseModel):
     rules: list[RuleSpec] | None = Field(
         None, description="rules by name or {name, parameters, action}; default: see docs"
     )
-    tensorboard: bool = Field(False, description="also write TensorBoard event files")
 
     @field_validator("collections")
     @classmethod
