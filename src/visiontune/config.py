@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visiontune.errors import UserError
+from visiontune.tracking.config import TrackingConfig
 
 
 class Resolved(BaseModel):
@@ -100,6 +101,9 @@ class TrainConfig(BaseModel):
     callbacks: list[str] = Field(
         default_factory=list,
         description="callbacks by name (debugger, profiler, module:Class) to attach to the loop",
+    )
+    tracking: TrackingConfig | None = Field(
+        None, description="log the run to MLflow (see docs/tracking.md)"
     )
 
     @field_validator("lr")

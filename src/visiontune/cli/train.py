@@ -56,6 +56,15 @@ def train(
     callback: list[str] = typer.Option(
         None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
     ),
+    tracking_uri: str = typer.Option(
+        None, "--tracking", help="Log to MLflow: http://HOST:PORT, sqlite:///FILE or a folder."
+    ),
+    register_model: str = typer.Option(
+        None, "--register-model", help="Register the model in MLflow under this name."
+    ),
+    tracking_optional: bool = typer.Option(
+        False, "--tracking-optional", help="Train anyway if the tracking server is unreachable."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     from visiontune.config import TrainConfig, build_config, parse_overrides
@@ -82,6 +91,9 @@ def train(
         if data is None and config is None:
             raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
         cfg = build_config(TrainConfig, config, flags)
+    from visiontune.tracking.config import with_tracking_flags
+
+    cfg = with_tracking_flags(cfg, tracking_uri, register_model, tracking_optional)
     try:
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:

@@ -1,0 +1,172 @@
+"""Training logged to a real `mlflow server` (SQLite backend, local artifacts, loopback),
+checked through MLflow's own client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MlflowServer, tiny_config
+
+pytest.importorskip("mlflow")
+
+
+def _wait_for(condition, what: str, deadline_s: float = 120):
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_params_metrics_tags_artifacts_and_model(tracked_run, mlflow_server):
+    data, run_dir, result = tracked_run
+    saved = json.loads((run_dir / "mlflow.json").read_text())
+    client = mlflow_server.client()
+    run = client.get_run(saved["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "run"
+    params = run.data.params
+    assert params["lr"] == "0.01" and params["model"] == "tiny_cnn" and params["epochs"] == "2"
+    assert params["resolved.device"] == "cpu" and params["tracking.register_model"] == "tiny-cnn"
+    tags = run.data.tags
+    assert tags["visiontune.version"] and tags["visiontune.model"] == "tiny_cnn"
+    assert len(tags["visiontune.data_fingerprint"]) == 32
+    # Per-epoch metrics carry the global step, as metrics.jsonl does.
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in lines if r["split"] == "valid"]
+    history = client.get_metric_history(saved["run_id"], "valid_loss")
+    assert [(m.step, m.value) for m in history] == [
+        (r["step"], pytest.approx(r["loss"])) for r in valid
+    ]
+    steps = sorted(m.step for m in client.get_metric_history(saved["run_id"], "train_loss_step"))
+    assert steps == list(range(1, valid[-1]["step"] + 1))
+    assert run.data.metrics["test_accuracy"] == result.test_metrics["accuracy"]
+    artifacts = {a.path for a in client.list_artifacts(saved["run_id"])}
+    assert {"config.yaml", "metrics.jsonl", "evaluation.json"} <= artifacts
+
+
+def test_logged_and_registered_model_predict_the_run_models_top1(tracked_run, mlflow_server):
+    import mlflow
+    import pandas as pd
+
+    from visiontune.evaluate import Predictor
+    from visiontune.tracking.mlflow_callback import use_tracking_uri
+
+    data, run_dir, _ = tracked_run
+    saved = json.loads((run_dir / "mlflow.json").read_text())
+    assert saved["registered_model"] == {"name": "tiny-cnn", "version": "1"}
+    versions = mlflow_server.client().search_model_versions("name='tiny-cnn'")
+    assert [v.run_id for v in versions] == [saved["run_id"]]
+    images = [next((data / "test" / c).iterdir()) for c in ("cat", "dog")]
+    expected = Predictor(run_dir / "model", device="cpu").predict(images)
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in images]})
+    with use_tracking_uri(mlflow_server.url):
+        for uri in ("models:/tiny-cnn/1", saved["model_uri"]):
+            model = mlflow.pyfunc.load_model(uri)
+            assert list(model.predict(frame)["label"]) == expected
+            assert model.metadata.get_input_schema().input_names() == ["image"]
+
+
+def test_unreachable_server_fails_before_training_in_one_line(image_dataset, tmp_path, cli):
+    from integration.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    args = ["train", "--data", image_dataset, "--model", "tiny_cnn", "--weights", "none",
+            "--epochs", "1", "--workers", "0", "--batch-size", "8", "--tracking", dead]  # fmt: skip
+    code, _, err = cli(*args, "--output", tmp_path / "run")
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and "unreachable" in err and dead in err
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing left behind
+    code, _, err = cli(*args, "--output", tmp_path / "run2", "--tracking-optional")
+    assert code == 0, err
+    assert "training without tracking" in err
+    assert (tmp_path / "run2" / "model" / "model.json").is_file()
+
+
+def test_server_lost_mid_run_costs_no_training(image_dataset, tmp_path, capsys):
+    from visiontune.callbacks import Callback
+    from visiontune.train import train
+
+    server = MlflowServer(tmp_path / "server")
+
+    class KillServerAfterEpoch1(Callback):
+        def on_epoch_end(self, state, metrics):
+            if metrics["epoch"] == 1:
+                server.stop()
+
+    try:
+        cfg = tiny_config(image_dataset, tmp_path / "run", epochs=2, tracking={"uri": server.url})
+        result = train(cfg, [KillServerAfterEpoch1()])
+    finally:
+        server.stop()
+    assert result.model_dir is not None and (result.model_dir / "model.json").is_file()
+    err = capsys.readouterr().err
+    lost = [line for line in err.splitlines() if "tracking" in line and "lost" in line]
+    assert len(lost) == 1, err  # said once, in one line
+    unsent = [
+        json.loads(x) for x in (tmp_path / "run/mlflow-unsent.jsonl").read_text().split("\n") if x
+    ]
+    assert {
+        k: v
+        for k, v in next(u for u in unsent if u["key"] == "valid_loss" and u["step"] == 4).items()
+        if k != "value"
+    } == {"key": "valid_loss", "step": 4}
+
+
+def test_resume_after_sigkill_continues_the_same_mlflow_run(image_dataset, tmp_path, mlflow_server):
+    from visiontune.config import TrainConfig, build_config
+    from visiontune.train import train
+
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "paused"
+    config = tmp_path / "config.yaml"
+    config.write_text("tracking:\n  experiment: resume\n  log_every_steps: 1\nreport: false\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        ),
+        "VT_PAUSE_STEP": "3",  # mid-epoch 2: the last checkpoint is the end of epoch 1 (step 2)
+        "VT_PAUSE_MARKER": str(marker),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "visiontune", "train", "--data", str(image_dataset),
+         "--output", str(run_dir), "--model", "tiny_cnn", "--weights", "none",
+         "--trainable", "all", "--batch-size", "8", "--epochs", "3", "--workers", "0",
+         "--config", str(config), "--tracking", mlflow_server.url,
+         "--callback", "pause_callback:PauseAtStep"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: marker.exists() or proc.poll() is not None, "the run to reach step 3")
+        assert proc.poll() is None, proc.stderr.read().decode()
+        run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+        client = mlflow_server.client()
+        # Step 3's loss reached MLflow before the kill, so the resumed run must not repeat it.
+        _wait_for(
+            lambda: 3 in {m.step for m in client.get_metric_history(run_id, "train_loss_step")},
+            "step 3 in MLflow",
+        )
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    cfg = build_config(TrainConfig, run_dir / "config.yaml", {"callbacks": []})
+    train(cfg, resume=True)
+    assert json.loads((run_dir / "mlflow.json").read_text())["run_id"] == run_id
+    experiment = client.get_experiment_by_name("resume")
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+    assert client.get_run(run_id).info.status == "FINISHED"
+    loss_steps = [m.step for m in client.get_metric_history(run_id, "train_loss_step")]
+    assert sorted(loss_steps) == [1, 2, 3, 4, 5, 6]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "valid_loss")) == [2, 4, 6]
