@@ -29,7 +29,7 @@ def _wait_for(condition, what: str, deadline_s: float = 120):
 
 
 def test_params_metrics_tags_artifacts_and_model(tracked_run, mlflow_server):
-    data, run_dir, result = tracked_run
+    _, run_dir, result = tracked_run
     saved = json.loads((run_dir / "mlflow.json").read_text())
     client = mlflow_server.client()
     run = client.get_run(saved["run_id"])
