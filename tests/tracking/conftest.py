@@ -85,7 +85,8 @@ class MlflowServer:
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
+            # No background job runner (huey processes): tests only need tracking and registry.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )  # fmt: skip
         self._wait_healthy(root)
 

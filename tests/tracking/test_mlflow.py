@@ -170,3 +170,36 @@ def test_resume_after_sigkill_continues_the_same_mlflow_run(image_dataset, tmp_p
     loss_steps = [m.step for m in client.get_metric_history(run_id, "train_loss_step")]
     assert sorted(loss_steps) == [1, 2, 3, 4, 5, 6]
     assert sorted(m.step for m in client.get_metric_history(run_id, "valid_loss")) == [2, 4, 6]
+
+
+def test_registry_uris_serve_the_runs_model_on_the_sagemaker_contract(tracked_run, mlflow_server):
+    from fastapi.testclient import TestClient
+
+    from visiontune.errors import UserError
+    from visiontune.evaluate import Predictor
+    from visiontune.serving.app import ServeConfig, create_app
+    from visiontune.tracking.registry import resolve_model_uri
+
+    data, run_dir, _ = tracked_run
+    saved = json.loads((run_dir / "mlflow.json").read_text())
+    client = mlflow_server.client()
+    client.set_registered_model_alias("tiny-cnn", "champion", "1")
+    images = [next((data / "test" / c).iterdir()) for c in ("cat", "dog")]
+    expected = Predictor(run_dir / "model", device="cpu").predict(images)
+    for uri in ("models:/tiny-cnn/1", "models:/tiny-cnn@champion", saved["model_uri"]):
+        model_dir = resolve_model_uri(uri, mlflow_server.url)
+        meta = json.loads((Path(model_dir) / "model.json").read_text())
+        assert meta["version"] == json.loads((run_dir / "model/model.json").read_text())["version"]
+    app = create_app(ServeConfig(model_dir, device="cpu").check())
+    with TestClient(app, raise_server_exceptions=False) as http:
+        _wait_for(lambda: http.get("/ping").status_code == 200, "/ping", 60)
+        labels = [
+            http.post(
+                "/invocations", content=p.read_bytes(), headers={"Content-Type": "image/jpeg"}
+            ).json()["predictions"][0][0]["label"]
+            for p in images
+        ]
+    assert labels == expected
+    with pytest.raises(UserError, match="tiny-cnn"):
+        resolve_model_uri("models:/tiny-cnn/99", mlflow_server.url)
+    assert resolve_model_uri(str(run_dir / "model")) == str(run_dir / "model")
