@@ -9,7 +9,8 @@ cd "$(dirname "$0")"
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # --- system packages (Debian/Ubuntu); skipped where apt-get is absent
-SYSTEM_PACKAGES=(postgresql dataset-fashion-mnist)
+# chromium: the run report's tests open it in a real headless browser
+SYSTEM_PACKAGES=(postgresql dataset-fashion-mnist chromium)
 if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
     missing=()
     for pkg in "${SYSTEM_PACKAGES[@]}"; do

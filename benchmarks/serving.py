@@ -221,13 +221,24 @@ def single_image_latency(model_dir: Path, image: bytes, repeats: int) -> dict[st
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (figures mean little without it)."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15, help="load per concurrency level")
     parser.add_argument("--soak-seconds", type=float, default=60)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--runtime", default="torch", help="runtime of the batched server")
+    parser.add_argument("--runtime", default="auto", help="runtime of the batched server")
     parser.add_argument("--serve-args", default="", help="extra options for visiontune serve")
     parser.add_argument("--skip-naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--naive-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)
@@ -243,6 +254,7 @@ def main() -> None:
     images, source = load_images(args.images)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"model efficientnet_lite0 (ImageNet weights), {source}, {cores} CPU cores")
+    print(f"CPU: {cpu_model()}; batched server runtime: {args.runtime}")
     print(f"load average before: {os.getloadavg()[0]:.2f}\n")
 
     print("single-image latency (median ms, one preprocessed 224 px image, in-process):")

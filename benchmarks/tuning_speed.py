@@ -29,7 +29,9 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenop
 def run_study(name: str, root: Path, data: Path, args, fixed_extra: dict, early: str) -> dict:
     from visiontune.config import TrainConfig, build_config
     from visiontune.tuning.space import parse_space
-    from visiontune.tuning.study import TuneSettings, best_trial, load_study, tune
+    from visiontune.tuning.storage import load_study
+    from visiontune.tuning.study import TuneSettings, tune
+    from visiontune.tuning.trials import best_trial
 
     space = parse_space(
         {

@@ -15,7 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from visiontune.debug.config import DebuggerConfig
 from visiontune.errors import UserError
+from visiontune.profile.config import ProfilerConfig
 from visiontune.tracking.config import TrackingConfig
 
 
@@ -105,6 +107,10 @@ class TrainConfig(BaseModel):
     tracking: TrackingConfig | None = Field(
         None, description="log the run to MLflow (see docs/tracking.md)"
     )
+    debugger: DebuggerConfig | None = Field(
+        None, description="capture tensors and run rules while training (docs/debugging.md)"
+    )
+    profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
 
     @field_validator("lr")
     @classmethod
@@ -210,11 +216,26 @@ def build_config(
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[key.replace("-", "_")] = value
+            _set_dotted(values, key.replace("-", "_"), value)
     try:
         return cls.model_validate(values)
     except ValidationError as e:
         raise UserError(_one_line(e, cls)) from e
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    """``profiler.enabled=false`` sets ``enabled`` inside the ``profiler`` section."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        values[head] = value
+        return
+    section = values.get(head)
+    if isinstance(section, BaseModel):
+        section = section.model_dump()
+    if not isinstance(section, dict):
+        section = {}
+    values[head] = section = dict(section)
+    _set_dotted(section, rest, value)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -117,13 +117,16 @@ def export_model(
             ``MODEL_DIR/model.torchscript.pt``.
 
     Raises:
-        UserError: unknown format, or not a model directory.
+        UserError: unknown format, not a model directory, or the file cannot be written.
     """
-    from visiontune.models.artifact import load_model_dir
+    from visiontune.models.artifact import load_model_dir, write_errors
 
     if fmt not in EXPORTERS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORTERS)}")
     exporter, default_name = EXPORTERS[fmt]
     loaded = load_model_dir(model_dir, "cpu")
     target = Path(output) if output is not None else Path(model_dir) / default_name
-    return exporter(loaded.model, loaded.preprocess.input_size, target, loaded.version)
+    if target.is_dir():
+        raise UserError(f"--output {target} is a folder; give the file to write")
+    with write_errors(target):  # disk full, read-only folder: one line, the old file kept
+        return exporter(loaded.model, loaded.preprocess.input_size, target, loaded.version)

@@ -79,3 +79,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, Any]) -> None:
+    """Write tensors as safetensors atomically; a full disk is the user's to fix, in one line.
+
+    Raises:
+        UserError: the file cannot be written (disk full, file too large, permission denied).
+    """
+    from safetensors.torch import save_file
+
+    from visiontune.errors import UserError
+
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+    except Exception as e:
+        # safetensors reports I/O failures as its own SafetensorError("... I/O error: ...").
+        if "I/O error" not in str(e):
+            raise
+        raise UserError(f"cannot write {path}: {str(e).split('I/O error: ')[-1]}") from e

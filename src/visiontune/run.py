@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.errors import UserError
-from visiontune.io import append_jsonl, atomic_write, atomic_write_json, read_jsonl
+from visiontune.io import (
+    append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    read_jsonl,
+    write_safetensors,
+)
 
 CHECKPOINT_VERSION = 2
 # What a checkpoint must hold besides the loop state (visiontune.callbacks.LoopState).
@@ -206,13 +212,8 @@ class RunDir:
 
     # ---- best weights
     def save_best(self, state_dict: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        try:
-            atomic_write(self.best_weights_path, lambda tmp: save_file(tensors, tmp))
-        except OSError as e:
-            raise UserError(f"cannot write {self.best_weights_path}: {e.strerror or e}") from e
+        write_safetensors(self.best_weights_path, tensors)
 
     def load_best(self) -> dict[str, Any] | None:
         from safetensors.torch import load_file

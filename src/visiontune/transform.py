@@ -1,18 +1,21 @@
 """Batch transform: predictions for every image under a folder or S3 prefix, resumable.
 
 Writes ``OUTPUT/predictions.jsonl``: one line per image, ``{"image": relative path,
-"predictions": [top-k]}`` or ``{"image": ..., "error": "why"}`` for a file that is not a usable
-image (recorded, then the run goes on). Images already in the output are skipped, so a killed
-run picks up where it stopped; lines are flushed and fsynced after every batch, so a kill loses
+"predictions": [top-k], "model": {name, version, fingerprint}}`` or ``{"image": ..., "error":
+"why", "model": ...}`` for a file that is not a usable image (recorded, then the run goes on).
+Images already in the output are skipped, so a killed run picks up where it stopped; an output
+that holds another model's answers is refused (``overwrite=True`` starts it afresh), so a
+resumed run never mixes two models' predictions; lines are flushed and fsynced after every batch, so a kill loses
 nothing already written. Decoding runs in a thread pool ahead of the model; prediction uses the
 same runtimes as ``visiontune serve``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +50,18 @@ def _list_images(input_uri: str, endpoint_url: str | None) -> tuple[Any, str, li
     return fs, root, files
 
 
-def _done_images(path: Path) -> set[str]:
-    """Images already in the output; a torn last line (a kill mid-write) is cut off first."""
+def _describe(model: dict[str, Any] | None) -> str:
+    if not model:
+        return "a model it does not name (written before lines recorded their model)"
+    return f"model {model.get('name')!r} version {model.get('version')!r}"
+
+
+def _done_images(path: Path, model: dict[str, str], shown_as: str) -> set[str]:
+    """Images already in the output; a torn last line (a kill mid-write) is cut off first.
+
+    Raises:
+        UserError: a line was written by another model (another fingerprint).
+    """
     if not path.exists():
         return set()
     data = path.read_bytes()
@@ -60,10 +73,66 @@ def _done_images(path: Path) -> set[str]:
     done = set()
     for line in data.splitlines():
         try:
-            done.add(json.loads(line)["image"])
+            record = json.loads(line)
+            image = record["image"]
         except (ValueError, KeyError, TypeError):
             continue
+        written_by = record.get("model")
+        if (
+            not isinstance(written_by, dict)
+            or written_by.get("fingerprint") != model["fingerprint"]
+        ):
+            raise UserError(
+                f"{shown_as} holds predictions of {_describe(written_by if isinstance(written_by, dict) else None)}, "
+                f"not of {_describe(model)}; choose another --output or pass --overwrite"
+            )
+        done.add(image)
     return done
+
+
+def _local_output(folder: Path) -> Path:
+    """``FOLDER/predictions.jsonl``, creating the folder; a path that is a file is one line."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(
+            f"--output {folder} is a file; give a folder (predictions.jsonl is written inside it)"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+    target = folder / OUTPUT_FILE
+    if target.exists() and not target.is_file():
+        raise UserError(f"{target} exists and is not a file; remove it or choose another --output")
+    return target
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, *, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over ``total`` images on stderr; ``advance(n)`` moves it."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("transform"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("transform", total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -76,12 +145,14 @@ def transform(
     input_uri: str,
     output_uri: str,
     *,
-    runtime: str = "torch",
+    runtime: str = "auto",
     batch_size: int = 32,
     top_k: int = 5,
     device: str = "auto",
     precision: str = "auto",
     endpoint_url: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> TransformResult:
     """Predict every image under ``input_uri`` and append the answers to ``output_uri``.
 
@@ -89,18 +160,22 @@ def transform(
         model_dir: a visiontune model directory (local or ``s3://``).
         input_uri: a folder or ``s3://`` prefix of images (searched recursively).
         output_uri: a folder or ``s3://`` prefix; ``predictions.jsonl`` is written there.
-        runtime: ``torch`` or ``onnx``.
+        runtime: ``auto`` (onnxruntime on CPU when installed, else torch), ``torch`` or ``onnx``.
         batch_size: images predicted together (and written together).
         top_k: classes per image.
         device: ``auto``, ``cpu`` or ``cuda``.
         precision: ``auto`` (bf16 where the hardware has it), ``fp32`` or ``bf16``.
         endpoint_url: S3-compatible endpoint for ``s3://`` URIs.
+        overwrite: start the output afresh instead of resuming it (needed when it holds
+            another model's predictions).
+        progress: show a progress bar (images done, rate, time left) on stderr.
 
     Returns:
         Counts of predicted, failed and skipped (already done) images.
 
     Raises:
-        UserError: a missing input, not a model directory, or storage errors.
+        UserError: a missing input, not a model directory, an output that is a file or holds
+            another model's predictions, or storage errors.
     """
     import hashlib
 
@@ -110,16 +185,20 @@ def transform(
     from visiontune.data.transforms import decode_size_hint, eval_transform
     from visiontune.device import available_cores
     from visiontune.inference import topk
-    from visiontune.serving.app import fetch_model_dir
+    from visiontune.models.artifact import fetch_model_dir, model_fingerprint
     from visiontune.serving.runtimes import load_runtime
     from visiontune.uri import is_remote, join, open_fs, storage_errors, visiontune_home
 
     if batch_size < 1 or top_k < 1:
         raise UserError("--batch-size and --top-k must be at least 1")
-    model = load_runtime(
-        runtime, fetch_model_dir(str(model_dir), endpoint_url), device=device, precision=precision
-    )
+    local_model = fetch_model_dir(str(model_dir), endpoint_url)
+    model = load_runtime(runtime, local_model, device=device, precision=precision)
     info = model.info
+    identity = {
+        "name": info.name,
+        "version": info.version,
+        "fingerprint": model_fingerprint(local_model),
+    }
     fs, root, files = _list_images(input_uri, endpoint_url)
 
     remote_output = is_remote(output_uri)
@@ -131,15 +210,16 @@ def transform(
         out_fs, out_root = open_fs(output_uri, endpoint_url)
         remote_file = f"{out_root.rstrip('/')}/{OUTPUT_FILE}"
         with storage_errors(output_uri, endpoint_url):
-            if out_fs.exists(remote_file):
+            if out_fs.exists(remote_file) and not overwrite:
                 out_fs.get(remote_file, str(local))
             else:
                 local.unlink(missing_ok=True)
     else:
-        local = Path(output_uri) / OUTPUT_FILE
-        local.parent.mkdir(parents=True, exist_ok=True)
+        local = _local_output(Path(output_uri))
+        if overwrite:
+            local.unlink(missing_ok=True)
 
-    done = _done_images(local)
+    done = _done_images(local, identity, join(output_uri, OUTPUT_FILE))
     todo = [
         (f, os.path.relpath(f, root) if not is_remote(input_uri) else f[len(root) :].lstrip("/"))
         for f in files
@@ -160,7 +240,11 @@ def transform(
 
     predicted = errors = 0
     chunks = list(_chunks(todo, batch_size))
-    with ThreadPoolExecutor(available_cores()) as pool, open(local, "a") as out:
+    with (
+        ThreadPoolExecutor(available_cores()) as pool,
+        open(local, "a") as out,
+        _progress_bar(len(todo), enabled=progress) as advance,
+    ):
 
         def submit(i: int):
             return [pool.submit(decode, f) for f, _ in chunks[i]] if i < len(chunks) else []
@@ -182,10 +266,10 @@ def transform(
                     answers[name] = top
             for name, x in zip(names, decoded, strict=True):
                 if isinstance(x, str):
-                    lines.append({"image": name, "error": x})
+                    lines.append({"image": name, "error": x, "model": identity})
                     errors += 1
                 else:
-                    lines.append({"image": name, "predictions": answers[name]})
+                    lines.append({"image": name, "predictions": answers[name], "model": identity})
                     predicted += 1
             out.write("".join(json.dumps(line) + "\n" for line in lines))
             out.flush()
@@ -193,6 +277,7 @@ def transform(
             if remote_output:
                 with storage_errors(output_uri, endpoint_url):
                     out_fs.put(str(local), remote_file)
+            advance(len(chunk))
     return TransformResult(
         output=join(output_uri, OUTPUT_FILE), predicted=predicted, errors=errors, skipped=len(done)
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import shutil
 import struct
 import time
 import zlib
@@ -335,3 +337,162 @@ def test_metrics_and_access_log_record_requests(image_bytes, client, access_log)
         "batch_size",
     }
     assert any(line["status"] == 415 for line in lines)
+
+
+# ------------------------------------------------------------------------------ hardening
+
+
+def test_top_k_with_a_non_ascii_digit_is_400_not_500(image_bytes, client):
+    jpeg = image_bytes(0)
+    query = client.post(
+        "/invocations?top_k=²", content=jpeg, headers={"Content-Type": "image/jpeg"}
+    )
+    assert_error(query, 400, "top_k must be a positive integer")
+    # A latin-1 byte in the header decodes to "²" too: the same 400, not an int() crash.
+    header = client.post(
+        "/invocations",
+        content=jpeg,
+        headers={
+            "Content-Type": "image/jpeg",
+            "X-Amzn-SageMaker-Custom-Attributes": b"top_k=\xb2",
+        },
+    )
+    assert_error(header, 400, "top_k")
+
+
+def test_deeply_nested_json_is_400(client):
+    depth = 100_000
+    body = b'{"instances": ' + b"[" * depth + b"]" * depth + b"}"
+    assert_error(post(client, body, "application/json"), 400, "nested too deeply")
+    assert client.get("/ping").status_code == 200
+
+
+def test_docs_page_loads_swagger_ui_from_the_server_itself(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn." not in page.text and "https://" not in page.text
+    scripts = re.findall(r'src="([^"]+\.js)"', page.text)
+    styles = re.findall(r'href="([^"]+\.css)"', page.text)
+    assert scripts and styles
+    for asset in scripts + styles:
+        response = client.get(asset)
+        assert response.status_code == 200, asset
+        assert len(response.content) > 10_000  # the real bundle, not an error page
+    assert '"/openapi.json"' in page.text or "'/openapi.json'" in page.text
+
+
+# A seed-style handler (like examples/inference.py): its output_fn insists on JSON.
+SEED_STYLE_HANDLER = """
+import io, json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+with open(Path(__file__).with_suffix(".imports"), "a") as f:
+    f.write("imported\\n")
+
+
+def model_fn(model_dir):
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2)
+
+
+def input_fn(request_body, content_type="image/jpeg"):
+    image = Image.open(io.BytesIO(request_body)).convert("RGB")
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).mean(axis=(0, 1)))[None]
+
+
+def predict_fn(input_object, model):
+    with torch.no_grad():
+        return model(input_object)
+
+
+def output_fn(predictions, content_type):
+    assert content_type == "application/json", content_type
+    return json.dumps(predictions.tolist())
+"""
+
+
+@pytest.fixture
+def seed_handler(tmp_path) -> Path:
+    path = tmp_path / "inference.py"
+    path.write_text(SEED_STYLE_HANDLER)
+    return path
+
+
+def test_seed_style_handler_gets_json_for_a_wildcard_or_missing_accept(
+    seed_handler, tmp_path, image_bytes
+):
+    config = ServeConfig(str(tmp_path), handler=str(seed_handler), access_log=None)
+    for client in started(config):
+        for accept in ("*/*", None, "*/*; q=0.8"):
+            headers = {"Content-Type": "image/jpeg"}
+            request = client.build_request(
+                "POST", "/invocations", content=image_bytes(0), headers=headers
+            )
+            if accept is None:
+                del request.headers["accept"]
+            else:
+                request.headers["accept"] = accept
+            response = client.send(request)
+            assert response.status_code == 200, (accept, response.text)
+            assert response.headers["content-type"].startswith("application/json")
+            assert len(response.json()[0]) == 2
+
+
+def test_handler_file_is_imported_once_per_process(seed_handler, tmp_path):
+    config = ServeConfig(str(tmp_path), handler=str(seed_handler), access_log=None)
+    for _client in started(config):  # check() and the app both need the module
+        pass
+    assert seed_handler.with_suffix(".imports").read_text().splitlines() == ["imported"]
+
+
+TAMPERED = {
+    "fewer class names": lambda m: m.update(class_names=m["class_names"][:-1]),
+    "more class ids than the head": lambda m: m.update(
+        class_ids=[*m["class_ids"], "x"], class_names=[*m["class_names"], "x"]
+    ),
+    "num_classes disagrees": lambda m: m.update(num_classes=len(m["class_ids"]) + 1),
+    "duplicate class ids": lambda m: m.update(class_ids=[m["class_ids"][0]] * 3),
+    "class names not strings": lambda m: m.update(class_names=[1, 2, 3]),
+    "no preprocess": lambda m: m.pop("preprocess"),
+    "mean missing": lambda m: m["preprocess"].pop("mean"),
+    "std of zero": lambda m: m["preprocess"].update(std=[0, 0, 0]),
+    "input size as text": lambda m: m["preprocess"].update(input_size="64"),
+    "crop_pct zero": lambda m: m["preprocess"].update(crop_pct=0),
+    "unknown interpolation": lambda m: m["preprocess"].update(interpolation="lanczos"),
+    "mean of two values": lambda m: m["preprocess"].update(mean=[0.5, 0.5]),
+    "format_version text": lambda m: m.update(format_version="one"),
+}
+
+
+def tampered_copy(model_dir: Path, target: Path, change) -> Path:
+    shutil.copytree(model_dir, target)
+    meta = json.loads((target / "model.json").read_text())
+    change(meta)
+    (target / "model.json").write_text(json.dumps(meta))
+    return target
+
+
+@pytest.mark.parametrize("name", list(TAMPERED))
+def test_a_model_json_that_lies_is_refused_when_loaded(name, model_dir, tmp_path):
+    from visiontune.errors import UserError
+
+    tampered = tampered_copy(model_dir, tmp_path / "model", TAMPERED[name])
+    with pytest.raises(UserError) as caught:
+        ServeConfig(str(tampered)).check()
+    assert "\n" not in str(caught.value)
+
+
+def test_ping_never_says_ready_for_a_model_json_that_lies(model_dir, tmp_path, image_bytes):
+    tampered = tampered_copy(model_dir, tmp_path / "model", TAMPERED["fewer class names"])
+    # Unchecked config (as a worker process gets it): loading itself must refuse the model.
+    config = ServeConfig(str(tampered), access_log=None)
+    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 30
+        while "failed" not in client.get("/ping").text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert_error(client.get("/ping"), 503, "class_names")
+        assert post(client, image_bytes(0), "image/jpeg").status_code == 503

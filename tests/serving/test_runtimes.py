@@ -102,3 +102,42 @@ def test_export_cli_writes_onnx_and_torchscript_with_dynamic_batch(
     bad = runner.invoke(app, ["export", str(model_dir), "--format", "tflite"])
     assert bad.exit_code != 0
     assert "unknown export format 'tflite'" in str(bad.exception) + bad.output
+
+
+def test_the_default_runtime_on_cpu_is_onnxruntime_with_the_same_top1(
+    model_dir, reference, image_bytes
+):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    default = load_runtime("auto", model_dir, device="cpu")
+    assert default.name == "onnx"
+    batch = batch_of(image_bytes, range(6))
+    with torch.no_grad():
+        expected = torch.softmax(reference(batch), dim=1)
+    assert torch.equal(default.predict(batch).argmax(1), expected.argmax(1))
+
+
+def test_auto_falls_back_to_torch_without_onnxruntime_or_for_a_torch_precision(
+    model_dir, monkeypatch
+):
+    from visiontune.serving.runtimes import resolve_runtime
+
+    assert resolve_runtime("auto", "cpu", "bf16") == "torch"
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # import fails
+    assert resolve_runtime("auto", "cpu") == "torch"
+    assert load_runtime("auto", model_dir, device="cpu").name == "torch"
+
+
+def test_serve_uses_the_default_runtime(model_dir):
+    from visiontune.serving.app import ServeConfig
+    from visiontune.serving.handler import Handler
+
+    config = ServeConfig(str(model_dir), device="cpu").check()
+    assert config.runtime == "auto"
+    handler = Handler(config.model_dir, runtime=config.runtime, device="cpu")
+    handler.load()
+    expected = "onnx"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        expected = "torch"
+    assert handler.model.name == expected

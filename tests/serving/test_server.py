@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -200,3 +203,154 @@ def test_serve_a_folder_that_is_not_a_model_fails_in_one_line(tmp_path):
     assert done.stderr.strip().startswith("error: ")
     assert "is not a visiontune model directory" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def wait_for(condition, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def test_a_client_hanging_up_mid_body_is_499_not_a_server_error(server, image_bytes):
+    head = (
+        "POST /invocations HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/jpeg\r\n"
+        "X-Request-Id: hangs-up-early\r\nContent-Length: 100000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head.encode() + image_bytes(0)[:500])  # then hang up, 99,500 bytes short
+
+    def logged() -> dict | None:
+        for line in server.log().splitlines():
+            if line.startswith('{"time"') and '"hangs-up-early"' in line:
+                return json.loads(line)
+        return None
+
+    assert wait_for(logged)["status"] == 499
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'visiontune_requests_total{path="/invocations",status="499"}' in metrics
+    assert 'path="/invocations",status="500"' not in metrics
+    assert httpx.get(f"{server.url}/ping").status_code == 200
+
+
+def test_a_request_that_is_not_http_gets_a_json_400(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"THIS IS NOT HTTP\x00\x01\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    assert b"content-type: application/json" in head.lower()
+    doc = json.loads(body)
+    assert set(doc) == {"error", "request_id"} and "HTTP" in doc["error"]
+
+
+def test_predict_endpoint_prints_a_custom_handlers_answer(tmp_path, image_bytes, start_server):
+    from visiontune.serving.client import describe_result
+
+    handler = tmp_path / "inference.py"
+    handler.write_text(
+        "import json, torch\n\n"
+        "def model_fn(model_dir):\n    return None\n\n"
+        "def input_fn(body, content_type):\n    return len(body)\n\n"
+        "def predict_fn(size, model):\n    return {'bytes': size, 'verdict': 'custom'}\n"
+    )
+    (tmp_path / "model").mkdir()
+    proc = start_server([str(tmp_path / "model"), "--handler", str(handler)])
+    proc.wait_ready()
+    image = tmp_path / "a.jpg"
+    image.write_bytes(image_bytes(0))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "visiontune",
+            "predict",
+            str(image),
+            "--endpoint",
+            proc.url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    (result,) = json.loads(done.stdout)
+    assert result["response"] == {"bytes": image.stat().st_size, "verdict": "custom"}
+    line = describe_result(result)
+    assert line.startswith(f"{image}: ") and '"verdict": "custom"' in line
+
+
+def test_half_sent_requests_are_closed_by_the_header_timeout_and_ping_answers_meanwhile(
+    model_dir, start_server
+):
+    import selectors
+
+    proc = start_server([str(model_dir), "--header-timeout", "2", "--access-log", "off"])
+    proc.wait_ready()
+    sockets = []
+    try:
+        for _ in range(300):  # a slowloris burst: headers started, never finished
+            s = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            sockets.append(s)
+        assert httpx.get(f"{proc.url}/ping", timeout=10).status_code == 200
+        answers: dict[socket.socket, bytes] = {s: b"" for s in sockets}
+        selector = selectors.DefaultSelector()
+        for s in sockets:
+            s.setblocking(False)
+            selector.register(s, selectors.EVENT_READ)
+        open_ = set(sockets)
+        deadline = time.monotonic() + 60
+        while open_ and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=1):
+                chunk = key.fileobj.recv(4096)
+                answers[key.fileobj] += chunk
+                if not chunk:  # the server closed it
+                    selector.unregister(key.fileobj)
+                    open_.discard(key.fileobj)
+        assert not open_, f"{len(open_)} of 300 half-sent requests still open"
+        first = next(iter(answers.values()))
+        assert first.startswith(b"HTTP/1.1 408"), first
+        assert b'"error"' in first and b"2 s" in first
+        assert httpx.get(f"{proc.url}/ping", timeout=10).status_code == 200
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_boto3_invoke_endpoint_works_by_changing_endpoint_url_only(server, image_bytes, classes):
+    boto3 = pytest.importorskip("boto3", reason="boto3 is a test dependency (dev extra)")
+    client = boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=server.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",  # SigV4 signs the request; the endpoint ignores it
+        aws_secret_access_key="testing",
+    )
+    response = client.invoke_endpoint(
+        EndpointName="colours",
+        Body=image_bytes(3),
+        ContentType="image/jpeg",
+        Accept="application/json",
+        CustomAttributes="top_k=2",
+    )
+    assert response["ContentType"].startswith("application/json")
+    assert response["CustomAttributes"] == "top_k=2"
+    answer = json.loads(response["Body"].read())
+    assert len(answer["predictions"][0]) == 2
+    assert answer["predictions"][0][0]["label"] in classes
+
+    with pytest.raises(client.exceptions.ModelError) as caught:
+        client.invoke_endpoint(
+            EndpointName="colours", Body=image_bytes(3)[:200], ContentType="image/jpeg"
+        )
+    error = caught.value.response
+    assert error["OriginalStatusCode"] == 400
+    assert "cannot decode the image" in error["Error"]["Message"]

@@ -77,3 +77,15 @@ def test_transform_missing_input_is_one_line(model_dir, tmp_path):
     )
     assert result.exit_code != 0
     assert "does not exist" in str(result.exception)
+
+
+def test_transform_shows_progress_in_images(model_dir, tmp_path, image_bytes, capsys):
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(5):
+        (images / f"img{i}.jpg").write_bytes(image_bytes(i))
+    transform(model_dir, str(images), str(tmp_path / "out"), batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "transform" in err and "5/5 images" in err
+    transform(model_dir, str(images), str(tmp_path / "quiet"), batch_size=2)
+    assert capsys.readouterr().err == ""  # the Python API is quiet unless asked

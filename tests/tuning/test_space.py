@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,14 @@ def test_dash_and_underscore_keys_and_log_scaling():
         ({"lr": {"type": "uniform", "min": 0.1, "max": 1}}, "continuous, integer or categorical"),
         ({"output": {"type": "categorical", "values": ["a", "b"]}}, "set by the tuner"),
         ({}, "non-empty mapping"),
+        (
+            {"lr": {"type": "continuous", "min": 1e-3, "max": float("inf"), "scaling": "log"}},
+            "finite",
+        ),
+        ({"lr": {"type": "continuous", "min": float("-inf"), "max": 0.1}}, "finite"),
+        ({"lr": {"type": "continuous", "min": float("nan"), "max": 0.1}}, "finite"),
+        ({"epochs": {"type": "integer", "min": 1, "max": float("inf")}}, "finite"),
+        ({"dropout": {"type": "categorical", "values": [0.1, float("nan")]}}, "finite"),
     ],
 )
 def test_bad_spaces_fail_in_one_line(spec, message):
@@ -71,3 +81,32 @@ def test_grid_needs_categorical_space():
     space = parse_space({"lr": {"type": "continuous", "min": 0.01, "max": 0.1}})
     with pytest.raises(UserError, match="categorical parameters only"):
         space.grid()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "lr: {type: continuous, min: 0.001, max: .inf, scaling: log}",
+        "epochs: {type: integer, min: 1, max: .inf}",
+        "lr: {type: continuous, min: .nan, max: 0.1}",
+    ],
+)
+def test_unbounded_ranges_are_one_line_from_the_command(tiny_data, tmp_path, vt_env, line):
+    space = tmp_path / "space.yaml"
+    space.write_text(line + "\n")
+    cmd = [sys.executable, "-m", "visiontune", "tune", "--data", str(tiny_data)]
+    out = subprocess.run(
+        [*cmd, "--space", str(space), "--batch-size", "4", "--max-trials", "1"],
+        cwd=tmp_path,
+        env=vt_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: space: {line.split(':')[0]}.{'min' if 'nan' in line else 'max'} "
+        f"must be a finite number, got {'nan' if 'nan' in line else 'inf'}"
+    ]
+    assert not (tmp_path / "studies").exists()  # nothing was created

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def run(data, space, **settings):
 
 
 def trials_of(result):
-    from visiontune.tuning.study import load_study
+    from visiontune.tuning.storage import load_study
 
     return load_study(result.study, result.storage).get_trials()
 
@@ -96,14 +97,16 @@ def test_median_rule_prunes_bad_trials_early(tiny_data):
     for t in pruned:
         assert t.user_attrs["epochs_run"] < 3
         assert t.user_attrs["pruned_at_epoch"] == t.user_attrs["epochs_run"]
-        # pruned because its epoch objective was worse than the median of earlier trials
+        # pruned because its best objective so far was worse than the median, at that epoch,
+        # of the trials that had completed before it (Optuna's MedianPruner)
+        k = t.user_attrs["epochs_run"]
         earlier = [
-            o.intermediate_values[t.user_attrs["epochs_run"]]
+            o.intermediate_values[k]
             for o in trials
-            if o.number < t.number and t.user_attrs["epochs_run"] in o.intermediate_values
+            if o.state.name == "COMPLETE" and o.datetime_complete < t.datetime_complete
         ]
-        value = t.intermediate_values[t.user_attrs["epochs_run"]]
-        assert value > sorted(earlier)[len(earlier) // 2 - (len(earlier) % 2 == 0)]
+        value = min(v for step, v in t.intermediate_values.items() if step <= k)
+        assert len(earlier) >= 2 and value > statistics.median(earlier)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert all(t.user_attrs["epochs_run"] == 3 for t in complete)
     assert result.best["params"]["lr"] == 0.02
@@ -229,7 +232,8 @@ def test_warm_start_seeds_the_sampler_without_using_the_budget(tiny_data):
 def test_train_best_trains_the_final_model_with_the_best_params(tiny_data):
     import yaml
 
-    from visiontune.tuning.study import load_study, train_best
+    from visiontune.tuning.storage import load_study
+    from visiontune.tuning.study import train_best
 
     space = {"lr": {"type": "continuous", "min": 0.003, "max": 0.1, "scaling": "log"}}
     result = run(

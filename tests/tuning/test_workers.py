@@ -49,6 +49,8 @@ def test_parallel_trials_land_once_each(tiny_data, tmp_path, vt, study_of):
     trials = study.get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert all(t.state.name == "COMPLETE" for t in trials)
+    # the two workers drew different configurations (each seeds its own sampler)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
     # two worker processes shared the work, and every trial has its own run directory
     assert len({t.user_attrs["pid"] for t in trials}) == 2
     dirs = sorted(p.name for p in (tmp_path / "studies/par/trials").iterdir())

@@ -48,3 +48,15 @@ def test_monitor_mode_follows_metric():
     assert build_config(TrainConfig, None, {"data": "x"}).monitor_mode == "min"
     cfg = build_config(TrainConfig, None, {"data": "x", "monitor": "valid_accuracy"})
     assert cfg.monitor_mode == "max"
+
+
+def test_dotted_override_sets_a_key_inside_a_section(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("data: x\nprofiler:\n  sample_interval_ms: 1000\n")
+    from visiontune.config import parse_overrides
+
+    cfg = build_config(TrainConfig, conf, parse_overrides(["profiler.enabled=false"]))
+    assert cfg.profiler.enabled is False
+    assert cfg.profiler.sample_interval_ms == 1000  # the rest of the section is kept
+    with pytest.raises(UserError, match=r"profiler\.nope"):
+        build_config(TrainConfig, conf, parse_overrides(["profiler.nope=1"]))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import write_dataset
+from test_train import FAST
 
 from visiontune.config import TrainConfig, build_config
 from visiontune.data.splits import export_split_record
@@ -20,15 +21,6 @@ from visiontune.evaluate import evaluate as run_evaluate
 from visiontune.models.artifact import read_meta
 from visiontune.train import train
 
-FAST = {
-    "model": "tiny_cnn",
-    "weights": "none",
-    "trainable": "all",
-    "batch_size": 8,
-    "lr": 0.01,
-    "workers": 0,
-    "progress": False,
-}
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 

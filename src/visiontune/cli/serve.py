@@ -18,7 +18,10 @@ def serve(
     model: str = typer.Argument(..., help="Model directory (local or s3://) to serve."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for all)."),
     port: int = typer.Option(8080, help="Port to listen on (SageMaker uses 8080)."),
-    runtime: str = typer.Option("torch", help="Inference runtime: torch or onnx."),
+    runtime: str = typer.Option(
+        "auto",
+        help="Inference runtime: auto (onnx on CPU when installed, else torch), torch, onnx.",
+    ),
     handler: Path | None = typer.Option(
         None, "--handler", help="A SageMaker-style inference.py overriding model_fn/input_fn/..."
     ),
@@ -30,6 +33,19 @@ def serve(
     top_k: int = typer.Option(5, help="Classes per image unless the request asks otherwise."),
     max_body_mb: float = typer.Option(6.0, help="Request body limit in MB (413 above it)."),
     request_timeout: float = typer.Option(60.0, help="Seconds before a request gets 504."),
+    max_instances: int = typer.Option(
+        64, help="Most images in one request (413 above); predicted in --max-batch-size batches."
+    ),
+    max_request_pixels: int = typer.Option(
+        100_000_000, help="Most pixels of all a request's images together (413 above)."
+    ),
+    header_timeout: float = typer.Option(
+        10.0, help="Seconds for a request's headers to arrive (408 and closed after)."
+    ),
+    body_timeout: float = typer.Option(
+        60.0, help="Seconds for a request's body to arrive after its headers."
+    ),
+    max_connections: int = typer.Option(1000, help="Open connections above this are answered 503."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (bf16 where supported), fp32 or bf16."),
     threads: int | None = typer.Option(None, help="Inference threads per worker (default: cores)."),
@@ -41,7 +57,8 @@ def serve(
     ),
 ) -> None:
     """Serve MODEL over HTTP with SageMaker's container contract (/ping, /invocations)."""
-    from visiontune.serving.app import ServeConfig, fetch_model_dir
+    from visiontune.models.artifact import fetch_model_dir
+    from visiontune.serving.app import ServeConfig
     from visiontune.serving.app import serve as run_server
 
     run_server(
@@ -57,6 +74,11 @@ def serve(
             top_k=top_k,
             max_body_mb=max_body_mb,
             request_timeout_s=request_timeout,
+            max_instances=max_instances,
+            max_request_pixels=max_request_pixels,
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            max_connections=max_connections,
             device=device,
             precision=precision,
             threads=threads,
@@ -74,9 +96,13 @@ def export(
     ),
 ) -> None:
     """Export MODEL to ONNX or TorchScript (dynamic batch axis)."""
+    from rich.console import Console
+
     from visiontune.export import export_model
 
-    path = export_model(model, format, output)
+    # A spinner on a terminal: exporting a large backbone takes tens of seconds.
+    with Console(stderr=True).status(f"exporting {model} to {format}"):
+        path = export_model(model, format, output)
     typer.echo(f"wrote {path}")
 
 
@@ -87,11 +113,15 @@ def transform(
     output: str = typer.Option(
         ..., "--output", help="Folder or s3:// prefix for predictions.jsonl."
     ),
-    runtime: str = typer.Option("torch", help="torch or onnx."),
+    runtime: str = typer.Option("auto", help="auto (onnx on CPU when installed), torch or onnx."),
     batch_size: int = typer.Option(32, help="Images predicted (and written) together."),
     top_k: int = typer.Option(5, help="Classes per image."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     endpoint_url: str | None = typer.Option(None, help="S3-compatible endpoint for s3:// URIs."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start OUTPUT afresh (needed when another model wrote it)."
+    ),
+    progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
 ) -> None:
     """Batch predictions for every image under INPUT; resumes where a previous run stopped."""
     from visiontune.transform import transform as run_transform
@@ -105,6 +135,8 @@ def transform(
         top_k=top_k,
         device=device,
         endpoint_url=endpoint_url,
+        overwrite=overwrite,
+        progress=progress,
     )
     typer.echo(
         f"{result.predicted} predicted, {result.errors} errors, {result.skipped} already done "

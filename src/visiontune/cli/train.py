@@ -56,6 +56,7 @@ def train(
     callback: list[str] = typer.Option(
         None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
     ),
+    debug: bool = typer.Option(False, "--debug", help="Turn the debugger on (docs/debugging.md)."),
     tracking_uri: str = typer.Option(
         None, "--tracking", help="Log to MLflow: http://HOST:PORT, sqlite:///FILE or a folder."
     ),
@@ -66,6 +67,9 @@ def train(
         False, "--tracking-optional", help="Train anyway if the tracking server is unreachable."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    profile_steps: str = typer.Option(
+        None, help="A-B: record steps A..B with torch.profiler (trace in RUN/profile/)."
+    ),
 ) -> None:
     from visiontune.config import TrainConfig, build_config, parse_overrides
     from visiontune.errors import UserError
@@ -91,6 +95,18 @@ def train(
         if data is None and config is None:
             raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
         cfg = build_config(TrainConfig, config, flags)
+    if debug:
+        from visiontune.debug.config import DebuggerConfig
+
+        cfg.debugger = (cfg.debugger or DebuggerConfig()).model_copy(update={"enabled": True})
+    if profile_steps:
+        from visiontune.profile.config import parse_step_window
+
+        try:
+            parse_step_window(profile_steps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        cfg.profiler.profile_steps = profile_steps  # the rest of the profiler section is kept
     from visiontune.tracking.config import with_tracking_flags
 
     cfg = with_tracking_flags(cfg, tracking_uri, register_model, tracking_optional)

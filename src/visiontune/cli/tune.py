@@ -10,6 +10,9 @@ from typing import Any
 import typer
 
 from visiontune.cli import app
+from visiontune.tuning._base import STUDIES_ROOT  # names only: no optuna, no torch
+
+_STUDY_DIR_HELP = f"Default: {STUDIES_ROOT}/STUDY."
 
 _HELP = """Tune hyperparameters: every trial is a training run (an Optuna study).
 
@@ -28,9 +31,10 @@ app.add_typer(tune_app, name="tune")
 
 def _storage_for(study: str, storage: str | None, study_dir: Path | None) -> tuple[str, Path]:
     from visiontune.errors import UserError
-    from visiontune.tuning.study import default_storage
+    from visiontune.tuning._base import default_study_dir
+    from visiontune.tuning.storage import default_storage
 
-    sdir = study_dir or Path("studies") / study
+    sdir = study_dir or default_study_dir(study)
     if storage:
         return storage, sdir
     if not (sdir / "journal.log").is_file():
@@ -60,14 +64,22 @@ def tune(
     strategy: str = typer.Option("bayesian", help="bayesian (TPE) | random | grid | hyperband."),
     early_stopping: str = typer.Option("off", "--early-stopping", help="off | auto (median rule)."),
     study: str = typer.Option("visiontune", "--study", help="Study name."),
-    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    study_dir: Path = typer.Option(None, "--study-dir", help=_STUDY_DIR_HELP),
     storage: str = typer.Option(None, help="postgresql://... (default: STUDY_DIR/journal.log)."),
     timeout: float = typer.Option(None, help="Stop starting trials after this many seconds."),
     resume: bool = typer.Option(False, "--resume", help="Continue the study (the default anyway)."),
     warm_start: list[str] = typer.Option(None, "--warm-start", help="Earlier study name or dir."),
     max_retry: int = typer.Option(2, "--max-retry", help="Retries of a trial whose worker died."),
     heartbeat: int = typer.Option(10, help="Seconds between trial heartbeats."),
-    train_best: bool = typer.Option(False, "--train-best", help="Then train STUDY_DIR/best."),
+    train_best: bool = typer.Option(
+        False, "--train-best", help="Then train STUDY_DIR/best (again, if the best changed)."
+    ),
+    keep_checkpoints: str = typer.Option(
+        "models",
+        "--keep-checkpoints",
+        help="What finished trials keep: models (of complete and pruned trials; checkpoints "
+        "dropped) | best (the best trial's model only) | all | none.",
+    ),
     seed: int = typer.Option(None, help="Seed of training and of the sampler."),
     model: str = typer.Option(None, help="Backbone (fixed)."),
     weights: str = typer.Option(None, help="imagenet | none | PATH (fixed)."),
@@ -134,6 +146,7 @@ def tune(
             seed=seed,
             warm_start=list(warm_start or []),
             train_best=train_best,
+            keep_checkpoints=keep_checkpoints,
         )
     except Exception as e:  # pydantic: a bad --strategy or --direction
         from pydantic import ValidationError
@@ -183,16 +196,23 @@ def worker(
     study: str = typer.Option(..., "--study", help="Study name."),
     storage: str = typer.Option(None, help="Shared storage URL (default: STUDY_DIR/journal.log)."),
     study_dir: Path = typer.Option(
-        None, "--study-dir", help="Where this machine writes trial runs (default studies/STUDY)."
+        None,
+        "--study-dir",
+        help=f"Where this machine writes trial runs (default {STUDIES_ROOT}/STUDY).",
     ),
     heartbeat: int = typer.Option(10, help="Seconds between trial heartbeats."),
     timeout: float = typer.Option(None, help="Stop starting trials after this many seconds."),
+    worker_index: int = typer.Option(
+        None,
+        "--worker-index",
+        help="This worker's index (seeds its sampler; default: from host and process id).",
+    ),
 ) -> None:
     """Join a study and run trials until it has its budget (run on any number of machines)."""
-    from visiontune.tuning.study import run_worker
+    from visiontune.tuning.workers import run_worker
 
     url, sdir = _storage_for(study, storage, study_dir)
-    n = run_worker(study, url, sdir, heartbeat=heartbeat, timeout=timeout)
+    n = run_worker(study, url, sdir, heartbeat=heartbeat, timeout=timeout, worker=worker_index)
     typer.echo(f"worker done: ran {n} trial(s) of study {study}")
 
 
@@ -200,12 +220,12 @@ def worker(
 def status(
     study: str = typer.Argument(..., help="Study name."),
     storage: str = typer.Option(None, help="Storage URL (default: STUDY_DIR/journal.log)."),
-    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    study_dir: Path = typer.Option(None, "--study-dir", help=_STUDY_DIR_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the trials as JSON."),
 ) -> None:
     """A table of the study's trials: state, params, objective, epochs, duration, pruning."""
-    from visiontune.tuning.report import trial_cells, trial_rows
-    from visiontune.tuning.study import load_study, study_config
+    from visiontune.tuning.storage import load_study, study_config
+    from visiontune.tuning.trials import trial_cells, trial_rows
 
     url, _ = _storage_for(study, storage, study_dir)
     s = load_study(study, url)
@@ -213,38 +233,47 @@ def status(
     if json_out:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from visiontune.tuning.trials import CELL_HEADERS
 
     cfg = study_config(s)
     table = Table(
-        "#",
-        "state",
-        "params",
-        cfg["objective"],
-        "epochs",
-        "duration",
-        "pruned at",
-        "note",
-        title=f"study {study} ({cfg['direction']} {cfg['objective']}, budget {cfg['max_trials']})",
+        title=f"study {study} ({cfg['direction']} {cfg['objective']}, budget {cfg['max_trials']})"
     )
+    for header in CELL_HEADERS:
+        # Long cells fold onto more lines in a narrow terminal instead of losing their end.
+        table.add_column(cfg["objective"] if header == "objective" else header, overflow="fold")
     for r in rows:
         table.add_row(*trial_cells(r))
-    Console().print(table)
+    _table_console().print(table)
+
+
+def _table_console():
+    """A terminal gets tables at its width; a pipe or file gets them whole, at the width they
+    need (rich would otherwise assume 80 columns and cut them)."""
+    import sys
+
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=100_000, soft_wrap=False)
 
 
 @tune_app.command()
 def best(
     study: str = typer.Argument(..., help="Study name."),
     storage: str = typer.Option(None, help="Storage URL (default: STUDY_DIR/journal.log)."),
-    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    study_dir: Path = typer.Option(None, "--study-dir", help=_STUDY_DIR_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     train_best: bool = typer.Option(False, "--train-best", help="Train STUDY_DIR/best with them."),
 ) -> None:
     """The best hyperparameters and the path to that trial's model."""
     from visiontune.errors import UserError
-    from visiontune.tuning.study import best_summary, load_study
+    from visiontune.tuning.storage import load_study
     from visiontune.tuning.study import train_best as run_train_best
+    from visiontune.tuning.trials import best_summary
 
     url, sdir = _storage_for(study, storage, study_dir)
     s = load_study(study, url)
@@ -269,11 +298,11 @@ def report(
     study: str = typer.Argument(..., help="Study name."),
     output: Path = typer.Option(None, "--output", "-o", help="Default: STUDY_DIR/report.html."),
     storage: str = typer.Option(None, help="Storage URL (default: STUDY_DIR/journal.log)."),
-    study_dir: Path = typer.Option(None, "--study-dir", help="Default: studies/STUDY."),
+    study_dir: Path = typer.Option(None, "--study-dir", help=_STUDY_DIR_HELP),
 ) -> None:
     """Write the self-contained HTML tuning report (plots work offline)."""
     from visiontune.tuning.report import write_report
-    from visiontune.tuning.study import load_study
+    from visiontune.tuning.storage import load_study
 
     url, sdir = _storage_for(study, storage, study_dir)
     path = write_report(load_study(study, url), output or sdir / "report.html")

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -37,11 +38,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visiontune.errors import UserError
+from visiontune.models.artifact import fetch_model_dir
 from visiontune.serving.batching import BatcherStopped, DynamicBatcher
 from visiontune.serving.handler import (
     DECODERS,
+    DEFAULT_MAX_INSTANCES,
+    DEFAULT_MAX_REQUEST_PIXELS,
     ENCODERS,
+    JSON,
     BadRequest,
+    ClientClosedRequest,
     Handler,
     ModelError,
     NotReady,
@@ -50,13 +56,20 @@ from visiontune.serving.handler import (
     ServingError,
     UnsupportedContentType,
     current_top_k,
+    default_accept,
     load_user_module,
     media_type,
     negotiate,
 )
+from visiontune.serving.protocol import (
+    CONFIG_ENV,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+)
+
+__all__ = ["ServeConfig", "create_app", "fetch_model_dir", "serve"]
 
 log = logging.getLogger("visiontune.serving")
-CONFIG_ENV = "VISIONTUNE_SERVE_CONFIG"
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
 
 
@@ -67,7 +80,7 @@ class ServeConfig:
     Attributes:
         model_dir: a local model directory (``s3://`` is resolved to a local copy first).
         host, port: where to listen.
-        runtime: ``torch`` or ``onnx``.
+        runtime: ``auto`` (onnxruntime on CPU when installed, else torch), ``torch`` or ``onnx``.
         handler: a SageMaker-style ``inference.py`` overriding some steps, or ``None``.
         max_batch_size: the most images predicted together.
         max_batch_delay_ms: the longest a request waits for others to share its batch.
@@ -76,7 +89,16 @@ class ServeConfig:
             ``X-Amzn-SageMaker-Custom-Attributes`` header or the query string).
         max_body_mb: the body size limit (SageMaker's real-time limit is 6 MB).
         max_image_pixels: images with more pixels are refused (decompression bombs).
+        max_instances: the most images in one request (413 above it); a request's images are
+            predicted in batches of at most ``max_batch_size``.
+        max_request_pixels: the most pixels of all a request's images together (413 above it).
+        max_waiting: the most requests being decoded or waiting for a decoder; more get 503 at
+            once, so the time in queue and the memory held by waiting bodies stay bounded.
         request_timeout_s: a request still unanswered after this gets 504.
+        header_timeout_s: a connection whose request headers are not complete after this gets
+            408 and is closed (slow or stalled clients cannot hold connections).
+        body_timeout_s: the longest the body may take to arrive after its headers.
+        max_connections: open connections (and requests in progress) above this get 503.
         device, precision, threads: passed to the runtime (threads: per worker process).
         decode_threads: threads decoding images (default: one per core).
         access_log: ``-`` for stderr, a file path, or ``None`` to turn it off.
@@ -86,7 +108,7 @@ class ServeConfig:
     model_dir: str
     host: str = "127.0.0.1"
     port: int = 8080
-    runtime: str = "torch"
+    runtime: str = "auto"
     handler: str | None = None
     max_batch_size: int = 32
     max_batch_delay_ms: float = 10.0
@@ -94,7 +116,13 @@ class ServeConfig:
     top_k: int = 5
     max_body_mb: float = 6.0
     max_image_pixels: int | None = None
+    max_instances: int = DEFAULT_MAX_INSTANCES
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    max_waiting: int = 256
     request_timeout_s: float = 60.0
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_connections: int = 1000
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
@@ -109,20 +137,25 @@ class ServeConfig:
     def check(self) -> ServeConfig:
         """Fail in the first second on a bad value, a missing handler or a non-model dir."""
         from visiontune.models.artifact import read_meta
-        from visiontune.serving.runtimes import RUNTIMES
+        from visiontune.serving.runtimes import resolve_runtime
 
         for name, value, low in (
             ("--max-batch-size", self.max_batch_size, 1),
             ("--workers", self.workers, 1),
             ("--top-k", self.top_k, 1),
             ("--port", self.port, 0),
+            ("--max-instances", self.max_instances, 1),
+            ("--max-request-pixels", self.max_request_pixels, 1),
+            ("--max-waiting", self.max_waiting, 1),
+            ("--max-connections", self.max_connections, 1),
         ):
             if value < low:
                 raise UserError(f"{name} must be at least {low}, got {value}")
         if self.max_batch_delay_ms < 0 or self.max_body_mb <= 0 or self.request_timeout_s <= 0:
             raise UserError("--max-batch-delay-ms must be >= 0; body limit and timeout > 0")
-        if self.runtime not in RUNTIMES:
-            raise UserError(f"unknown runtime {self.runtime!r}; use one of {', '.join(RUNTIMES)}")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise UserError("--header-timeout and --body-timeout must be > 0 seconds")
+        resolve_runtime(self.runtime, self.device, self.precision)
         if not Path(self.model_dir).is_dir():
             raise UserError(f"model directory not found: {self.model_dir}")
         custom_model = False
@@ -276,6 +309,8 @@ class ServingState:
             threads=config.threads or max(1, cores // config.workers),
             max_pixels=config.max_image_pixels,
             top_k=config.top_k,
+            max_instances=config.max_instances,
+            max_request_pixels=config.max_request_pixels,
         )
         self.decode_pool = ThreadPoolExecutor(
             config.decode_threads or cores, thread_name_prefix="visiontune-decode"
@@ -295,6 +330,9 @@ class ServingState:
         self.load_error: str | None = None
         self.known_paths: set[str] = set()
         self._load_task: asyncio.Future | None = None
+        # Requests being decoded or waiting for a decoder (bounded by config.max_waiting);
+        # only the event loop changes it.
+        self.decoding = 0
 
     def _predict_batch(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
         batch = items[0] if len(items) == 1 else torch.cat(items)
@@ -310,7 +348,10 @@ class ServingState:
         self.handler.load()
         size = self.handler.decode.preprocess.input_size
         if self.handler.batched:
-            self._predict_batch([torch.zeros(1, 3, size, size)])
+            (probs,) = self._predict_batch([torch.zeros(1, 3, size, size)])
+            # Encoding the answer too: labels that do not fit the model fail here, not later.
+            if self.handler.info is not None:
+                ENCODERS[JSON](probs, self.handler.info, self.config.top_k)
         else:
             from PIL import Image
 
@@ -322,7 +363,8 @@ class ServingState:
                 log.warning("warm-up request through the custom handler failed: %s", e)
         self.ready = True
         self.metrics.ready.set(1)
-        log.info("model loaded and warmed up; /ping answers 200")
+        runtime = getattr(self.handler.model, "name", type(self.handler.model).__name__)
+        log.info("model loaded (runtime %s) and warmed up; /ping answers 200", runtime)
 
     async def start(self) -> None:
         self.batcher.start()
@@ -353,6 +395,28 @@ def _error(status: int, message: str, request: Request) -> JSONResponse:
     return JSONResponse({"error": message, "request_id": request_id}, status_code=status)
 
 
+def _runtime_api_error(status: int, message: str, request: Request) -> JSONResponse:
+    """An error as the SageMaker Runtime API sends it, so botocore raises its ``ModelError``.
+
+    SageMaker answers 424 with ``x-amzn-ErrorType: ModelError`` for any error status of the
+    container, and keeps that status and message as ``OriginalStatusCode`` / ``OriginalMessage``.
+    """
+    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    return JSONResponse(
+        {
+            "message": f'Received client error ({status}) from primary with message "{message}"'
+            if status < 500
+            else f'Received server error ({status}) from primary with message "{message}"',
+            "OriginalStatusCode": status,
+            "OriginalMessage": message,
+            "error": message,
+            "request_id": request_id,
+        },
+        status_code=424,
+        headers={"x-amzn-ErrorType": "ModelError", "x-amzn-RequestId": request_id},
+    )
+
+
 async def _read_body(request: Request, limit_mb: float) -> bytes:
     limit = int(limit_mb * 1024 * 1024)
     too_large = (
@@ -362,12 +426,20 @@ async def _read_body(request: Request, limit_mb: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(too_large)
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(too_large)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(too_large)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The caller hung up: nothing failed on our side, and no one reads the answer.
+        raise ClientClosedRequest(
+            f"the client closed the connection after {size} bytes of the body"
+        ) from None
     return b"".join(chunks)
 
 
@@ -379,8 +451,9 @@ def _top_k(request: Request, default: int) -> int:
             raw = value.strip()
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise BadRequest(f"top_k must be a positive integer, got {raw!r}")
+    # isdigit() alone accepts "²" and other non-ASCII digits that int() refuses.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or int(raw) < 1:
+        raise BadRequest(f"top_k must be a positive integer (ASCII digits), got {raw!r}")
     return int(raw)
 
 
@@ -390,7 +463,7 @@ async def _invoke(state: ServingState, request: Request) -> Response:
         raise NotReady(f"the model is not loaded yet{detail}; retry when GET /ping answers 200")
     handler = state.handler
     content_type = media_type(request.headers.get("content-type"))
-    accept = request.headers.get("accept") or "application/json"
+    accept = default_accept(request.headers.get("accept"))
     top_k = _top_k(request, state.config.top_k)
     current_top_k.set(top_k)
     if handler.batched and content_type not in DECODERS:
@@ -410,14 +483,34 @@ async def _invoke(state: ServingState, request: Request) -> Response:
         return Response(answer, media_type=response_type)
 
     decoder = DECODERS[content_type]
+    if state.decoding >= state.config.max_waiting:
+        raise NotReady(
+            f"the server is busy ({state.decoding} requests are being decoded or wait for it); "
+            "retry shortly or add workers"
+        )
+    # Set when this request times out: a decoder that already started stops at the next image,
+    # and one that has not started yet is cancelled with its future.
+    cancel = threading.Event()
     state.batcher.announce()
+    state.decoding += 1
     try:
-        batch = await loop.run_in_executor(state.decode_pool, decoder, body, handler.decode)
+        batch = await loop.run_in_executor(
+            state.decode_pool, decoder, body, handler.decode.for_request(cancel)
+        )
     except BaseException:
+        cancel.set()
         state.batcher.withdraw()
         raise
+    finally:
+        state.decoding -= 1
+    # No batch larger than --max-batch-size, whatever one request holds.
+    parts = torch.split(batch, state.config.max_batch_size)
     try:
-        probs, batch_size = await state.batcher.submit(batch, announced=True)
+        answers = await asyncio.gather(
+            *(state.batcher.submit(part, announced=i == 0) for i, part in enumerate(parts))
+        )
+        probs = answers[0][0] if len(answers) == 1 else torch.cat([a[0] for a in answers])
+        batch_size = max(a[1] for a in answers)
     except BatcherStopped as e:
         raise NotReady(str(e)) from None
     except ServingError:
@@ -454,11 +547,17 @@ def create_app(config: ServeConfig) -> FastAPI:
         title="visiontune endpoint",
         description="SageMaker's inference container contract for a visiontune image classifier.",
         lifespan=lifespan,
+        # FastAPI's own pages load Swagger UI / ReDoc from a CDN: blank on an offline host.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.serving = state
+    _add_offline_docs(app)
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
+        if request.url.path.startswith("/endpoints/"):
+            return _runtime_api_error(exc.status, str(exc), request)
         return _error(exc.status, str(exc), request)
 
     @app.exception_handler(StarletteHTTPException)
@@ -547,6 +646,21 @@ def create_app(config: ServeConfig) -> FastAPI:
             log.exception("request %s failed", getattr(request.state, "request_id", "?"))
             raise ModelError(f"internal error: {type(e).__name__}: {e}") from e
 
+    @app.post(
+        "/endpoints/{endpoint_name}/invocations",
+        summary="Predict, as the SageMaker Runtime API's InvokeEndpoint (boto3 invoke_endpoint)",
+        openapi_extra=invocation_body,
+    )
+    async def invoke_endpoint(endpoint_name: str, request: Request) -> Response:
+        # boto3's sagemaker-runtime client with endpoint_url set to this server lands here;
+        # the name is not checked (one server, one model), SigV4 headers are ignored.
+        response = await invocations(request)
+        response.headers["x-Amzn-Invoked-Production-Variant"] = "AllTraffic"
+        custom = request.headers.get(CUSTOM_ATTRIBUTES)
+        if custom is not None:
+            response.headers["X-Amzn-SageMaker-Custom-Attributes"] = custom
+        return response
+
     @app.get("/execution-parameters", summary="What SageMaker batch transform should send")
     async def execution_parameters() -> dict[str, Any]:
         return {
@@ -566,9 +680,86 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
+def _add_offline_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI served from the ``swagger-ui-bundle`` package, no CDN needed.
+
+    Without that package ``/docs`` is a page linking to ``/openapi.json``.
+    """
+    from fastapi.responses import HTMLResponse
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        swagger_ui_path = None
+
+    if swagger_ui_path is None:
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs_link() -> HTMLResponse:
+            return HTMLResponse(
+                "<!doctype html><title>visiontune endpoint</title>"
+                '<p>The API description is at <a href="/openapi.json">/openapi.json</a> '
+                "(install swagger-ui-bundle for an interactive page).</p>"
+            )
+
+        return
+
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.staticfiles import StaticFiles
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` once, before the model is loaded, so a busy port fails in a second.
+
+    Raises:
+        UserError: the address is in use or cannot be bound.
+    """
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # The same option uvicorn sets: a port in TIME_WAIT is free, a listening one is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UserError(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; is another server using "
+                "it? Stop it or choose another --port"
+            ) from None
+
+
 def create_app_from_env() -> FastAPI:
     """App factory for uvicorn worker processes: the config travels as JSON in the environment."""
+    _log_to_stderr()  # a spawned worker starts with no logging set up
     return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])))
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def serve(config: ServeConfig) -> None:
@@ -580,9 +771,8 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     config.check()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    check_port_free(config.host, config.port)
+    _log_to_stderr()
     common = {
         "host": config.host,
         "port": config.port,
@@ -590,31 +780,15 @@ def serve(config: ServeConfig) -> None:
         "log_level": "info",
         "timeout_graceful_shutdown": config.graceful_timeout_s,
         "timeout_keep_alive": 75,  # longer than typical load-balancer idle timeouts
+        "limit_concurrency": config.max_connections,
+        # A string, not the class: worker processes import it (a class would be pickled).
+        "http": "visiontune.serving.protocol:JsonErrorProtocol",
     }
+    # Worker processes build their app from it, and the HTTP protocol reads its timeouts there.
+    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
     if config.workers == 1:
         uvicorn.run(create_app(config), **common)
         return
-    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
     uvicorn.run(
         "visiontune.serving.app:create_app_from_env", factory=True, workers=config.workers, **common
     )
-
-
-def fetch_model_dir(uri: str, endpoint_url: str | None = None) -> str:
-    """A local copy of a model directory: local paths as they are, ``s3://`` copied to the cache.
-
-    The copy goes to ``$VISIONTUNE_HOME/models/<hash of the URI>`` and is refreshed on every
-    start (a model directory is small next to the time it takes to load it).
-
-    Raises:
-        UserError: the bucket or prefix does not exist, or credentials are missing.
-    """
-    import hashlib
-
-    from visiontune.uri import download_tree, is_remote, visiontune_home
-
-    if not is_remote(uri):
-        return uri
-    local = visiontune_home() / "models" / hashlib.sha1(uri.encode()).hexdigest()[:16]
-    download_tree(uri, local, endpoint_url)
-    return str(local)

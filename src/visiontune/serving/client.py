@@ -69,8 +69,10 @@ class Predictor:
         except httpx.TransportError:
             return False
 
-    def invoke(self, body: bytes, content_type: str, *, top_k: int | None = None) -> dict[str, Any]:
+    def invoke(self, body: bytes, content_type: str, *, top_k: int | None = None) -> Any:
         """POST ``body`` to ``/invocations`` and return the decoded JSON answer.
+
+        A custom handler may answer any JSON (or text, returned as a string).
 
         Raises:
             EndpointError: the endpoint answered with an error status.
@@ -92,12 +94,13 @@ class Predictor:
             except ValueError:
                 message, request_id = response.text or response.reason_phrase, None
             raise EndpointError(response.status_code, str(message), request_id)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:  # a custom output_fn may answer CSV, text...
+            return response.text
 
-    def predict(
-        self, image: str | os.PathLike | bytes, *, top_k: int | None = None
-    ) -> list[dict[str, Any]]:
-        """The top-k ``{label, class_id, probability}`` for one image (a path or its bytes).
+    def answer(self, image: str | os.PathLike | bytes, *, top_k: int | None = None) -> Any:
+        """The endpoint's whole answer for one image (a path or its bytes), whatever its shape.
 
         Raises:
             EndpointError: the endpoint refused the image or failed.
@@ -107,8 +110,52 @@ class Predictor:
             body, content_type = bytes(image), "application/x-image"
         else:
             body, content_type = Path(image).read_bytes(), _content_type(image)
-        answer = self.invoke(body, content_type, top_k=top_k)
-        return answer["predictions"][0]
+        return self.invoke(body, content_type, top_k=top_k)
+
+    def predict(
+        self, image: str | os.PathLike | bytes, *, top_k: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The top-k ``{label, class_id, probability}`` for one image (a path or its bytes).
+
+        Raises:
+            EndpointError: the endpoint refused the image, failed, or answered in another shape
+                than visiontune's (a custom handler: use :meth:`answer`).
+            FileNotFoundError: ``image`` is a path that does not exist.
+        """
+        answer = self.answer(image, top_k=top_k)
+        top = visiontune_predictions(answer)
+        if top is None:
+            raise EndpointError(200, f"the endpoint answered another shape: {_short(answer)}")
+        return top
+
+
+def visiontune_predictions(answer: Any) -> list[dict[str, Any]] | None:
+    """The first image's top-k when ``answer`` has visiontune's shape, else ``None``."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("predictions"), list):
+        return None
+    rows = answer["predictions"]
+    if len(rows) != 1 or not isinstance(rows[0], list):
+        return None
+    if not all(isinstance(p, dict) and {"label", "probability"} <= set(p) for p in rows[0]):
+        return None
+    return rows[0]
+
+
+def _short(answer: Any, limit: int = 200) -> str:
+    import json
+
+    text = answer if isinstance(answer, str) else json.dumps(answer)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def describe_result(result: dict[str, Any]) -> str:
+    """One line for a :func:`predict_endpoint` result: top-k, the error, or the raw answer."""
+    if "error" in result:
+        return f"{result['image']}: error: {result['error']}"
+    if "predictions" in result:
+        best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in result["predictions"])
+        return f"{result['image']}: {best}"
+    return f"{result['image']}: {_short(result['response'], 2000)}"
 
 
 def predict_endpoint(
@@ -123,8 +170,9 @@ def predict_endpoint(
         timeout: seconds per request.
 
     Returns:
-        One dict per image: ``{"image": path, "predictions": [{label, class_id, probability}]}``
-        or ``{"image": path, "error": "..."}`` when that image failed.
+        One dict per image: ``{"image": path, "predictions": [{label, class_id, probability}]}``,
+        ``{"image": path, "response": <the answer>}`` when the endpoint is not visiontune's
+        shape (a custom handler), or ``{"image": path, "error": "..."}`` when that image failed.
 
     Raises:
         UserError: the endpoint cannot be reached at all.
@@ -133,7 +181,12 @@ def predict_endpoint(
     with Predictor(url, top_k=top_k, timeout=timeout) as predictor:
         for image in images:
             try:
-                results.append({"image": image, "predictions": predictor.predict(image)})
+                answer = predictor.answer(image)
+                top = visiontune_predictions(answer)
+                if top is not None:
+                    results.append({"image": image, "predictions": top})
+                else:
+                    results.append({"image": image, "response": answer})
             except EndpointError as e:
                 results.append({"image": image, "error": str(e)})
             except OSError as e:

@@ -27,11 +27,13 @@ from __future__ import annotations
 import base64
 import binascii
 import contextvars
+import dataclasses
 import importlib.util
 import io
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,12 @@ class NotAcceptable(ServingError):
     status = 406
 
 
+class ClientClosedRequest(ServingError):
+    """The client hung up before sending its whole body (nginx's 499: not a server error)."""
+
+    status = 499
+
+
 class ModelError(ServingError):
     status = 500
 
@@ -94,18 +102,69 @@ class RequestTimeout(ServingError):
 # ------------------------------------------------------------------------------- decoding
 
 
+DEFAULT_MAX_INSTANCES = 64
+DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
+
+
+class Cancelled(ServingError):
+    """The request timed out (or its client left) while it was being decoded."""
+
+    status = 504
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    """What the default ``input_fn`` needs: the model's preprocessing and the pixel limit."""
+    """What the default ``input_fn`` needs: the model's preprocessing and the request's limits.
+
+    Attributes:
+        preprocess: the model's preprocessing.
+        max_pixels: the most pixels of one image (decompression bombs); ``None``: Pillow's.
+        max_instances: the most images in one request.
+        max_request_pixels: the most pixels of all a request's images together, read from the
+            image headers before anything is decoded.
+        cancel: set when the request timed out: decoding stops before the next image.
+    """
 
     preprocess: Preprocess = field(default_factory=Preprocess)
     max_pixels: int | None = None
+    max_instances: int = DEFAULT_MAX_INSTANCES
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    cancel: threading.Event | None = field(default=None, compare=False)
+
+    def for_request(self, cancel: threading.Event) -> DecodeOptions:
+        """These options with a request's own cancel flag."""
+        return dataclasses.replace(self, cancel=cancel)
+
+    def check_cancelled(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("the request timed out before its images were decoded")
+
+
+def _declared_pixels(data: bytes) -> int:
+    """Width x height from an image's header (nothing decoded); 0 when Pillow cannot tell."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # not an image: the real decode says why, with the usual 400
+        return 0
+    return int(width) * int(height)
+
+
+def _check_instances(count: int, opts: DecodeOptions) -> None:
+    if count > opts.max_instances:
+        raise PayloadTooLarge(
+            f"{count} images in one request is over the limit of {opts.max_instances} "
+            "(--max-instances); send them in several requests"
+        )
 
 
 def _image_to_batch(data: bytes, opts: DecodeOptions) -> torch.Tensor:
     from visiontune.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
     from visiontune.inference import preprocess_batch
 
+    opts.check_cancelled()
     limit = opts.max_pixels if opts.max_pixels is not None else DEFAULT_MAX_PIXELS
     try:
         image = load_image(data, decode_size=decode_size_hint(opts.preprocess), max_pixels=limit)
@@ -128,10 +187,13 @@ def decode_json_body(body: bytes, opts: DecodeOptions) -> torch.Tensor:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON ({e}); {shape}") from None
+    except RecursionError:
+        raise BadRequest(f"the JSON body is nested too deeply; {shape}") from None
     instances = doc.get("instances") if isinstance(doc, dict) else None
     if not isinstance(instances, list) or not instances:
         raise BadRequest(f"no images in the JSON body; {shape}")
-    tensors = []
+    _check_instances(len(instances), opts)
+    images = []
     for i, instance in enumerate(instances):
         if not isinstance(instance, dict) or not isinstance(instance.get("b64"), str):
             raise BadRequest(f'instances[{i}] has no "b64" string; {shape}')
@@ -141,6 +203,17 @@ def decode_json_body(body: bytes, opts: DecodeOptions) -> torch.Tensor:
             raise BadRequest(f"instances[{i}].b64 is not valid base64") from None
         if not data:
             raise BadRequest(f"instances[{i}].b64 is empty; it must hold the image bytes")
+        images.append(data)
+    # The whole request's pixels, from the headers, before a single image is decoded.
+    pixels = sum(_declared_pixels(data) for data in images)
+    if pixels > opts.max_request_pixels:
+        raise PayloadTooLarge(
+            f"the images hold {pixels:,} pixels together, over the limit of "
+            f"{opts.max_request_pixels:,} per request (--max-request-pixels); send smaller "
+            "images or fewer per request"
+        )
+    tensors = []
+    for i, data in enumerate(images):
         try:
             tensors.append(_image_to_batch(data, opts))
         except BadRequest as e:
@@ -160,6 +233,8 @@ def decode_npy_body(body: bytes, opts: DecodeOptions) -> torch.Tensor:
         raise BadRequest(f"the array must hold floats, got dtype {getattr(array, 'dtype', '?')}")
     if array.ndim == 3:
         array = array[None]
+    if array.ndim == 4:
+        _check_instances(int(array.shape[0]), opts)
     if array.ndim != 4 or tuple(array.shape[1:]) != (3, size, size) or array.shape[0] == 0:
         raise BadRequest(
             f"array shape {tuple(array.shape)} does not fit this model; expected {expected} "
@@ -221,6 +296,20 @@ ENCODERS: dict[str, Callable[[torch.Tensor, Any, int], bytes]] = {
 }
 
 
+def default_accept(accept: str | None) -> str:
+    """The Accept a handler's ``output_fn`` sees: a missing or ``*/*`` one means JSON.
+
+    SageMaker's inference toolkit does the same, so a seed-style ``output_fn`` that checks
+    ``accept == "application/json"`` works with curl, which sends ``*/*``.
+    """
+    if not accept or not accept.strip():
+        return JSON
+    ranges = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    if ranges <= {"*/*", ""}:
+        return JSON
+    return accept
+
+
 def negotiate(accept: str | None) -> str:
     """Pick the response type for an ``Accept`` header; raise 406 when none is supported.
 
@@ -254,9 +343,19 @@ def negotiate(accept: str | None) -> str:
 # ------------------------------------------------------------------------------- the handler
 
 
+# Handlers imported in this process, by resolved path: a module runs its top level once.
+_USER_MODULES: dict[Path, Any] = {}
+
+
 def load_user_module(path: str | os.PathLike) -> Any:
-    """Import a user's ``inference.py`` (its folder goes on ``sys.path`` for its own imports)."""
+    """Import a user's ``inference.py`` once per process (its folder goes on ``sys.path``).
+
+    Checking the options and building the app both need the module; importing it twice would
+    run its top level (often a slow model download or a print) twice.
+    """
     path = Path(path).resolve()
+    if path in _USER_MODULES:
+        return _USER_MODULES[path]
     if not path.is_file():
         raise UserError(f"handler file not found: {path}")
     folder = str(path.parent)
@@ -272,6 +371,7 @@ def load_user_module(path: str | os.PathLike) -> Any:
         raise UserError(f"importing {path} failed: {type(e).__name__}: {e}") from e
     if not any(callable(getattr(module, step, None)) for step in STEPS):
         raise UserError(f"{path} defines none of {', '.join(STEPS)}; nothing to override")
+    _USER_MODULES[path] = module
     return module
 
 
@@ -281,10 +381,11 @@ class Handler:
     Args:
         model_dir: the directory given to ``model_fn``.
         module: a user's imported ``inference.py``, or ``None`` for all defaults.
-        runtime: the default ``model_fn``'s runtime name (``torch`` / ``onnx``).
+        runtime: the default ``model_fn``'s runtime name (``auto``, ``torch`` or ``onnx``).
         device, precision, threads: passed to the runtime.
         max_pixels: the image pixel limit of the default ``input_fn``.
         top_k: default number of classes per image in answers.
+        max_instances, max_request_pixels: the default ``input_fn``'s per-request limits.
     """
 
     def __init__(
@@ -292,18 +393,24 @@ class Handler:
         model_dir: str | os.PathLike,
         module: Any = None,
         *,
-        runtime: str = "torch",
+        runtime: str = "auto",
         device: str = "auto",
         precision: str = "auto",
         threads: int | None = None,
         max_pixels: int | None = None,
         top_k: int = 5,
+        max_instances: int = DEFAULT_MAX_INSTANCES,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
     ):
         self.model_dir = str(model_dir)
         self.runtime_name = runtime
         self.runtime_options = {"device": device, "precision": precision, "threads": threads}
         self.top_k = top_k
-        self.decode = DecodeOptions(max_pixels=max_pixels)
+        self.decode = DecodeOptions(
+            max_pixels=max_pixels,
+            max_instances=max_instances,
+            max_request_pixels=max_request_pixels,
+        )
         self.overridden = {
             step for step in STEPS if module is not None and callable(getattr(module, step, None))
         }
@@ -364,7 +471,7 @@ class Handler:
         info = getattr(self.model, "info", None)
         if info is not None and hasattr(info, "preprocess"):
             self.info = info
-            self.decode = DecodeOptions(info.preprocess, self.decode.max_pixels)
+            self.decode = dataclasses.replace(self.decode, preprocess=info.preprocess)
 
     def handle(self, body: bytes, content_type: str, accept: str) -> tuple[bytes, str]:
         """Run the steps for one request (the unbatched path) and return ``(body, type)``."""
@@ -374,7 +481,7 @@ class Handler:
             data = self.input_fn(body, content_type)
         except ServingError:
             raise
-        except (ValueError, TypeError, OSError) as e:  # what a handler raises for bad input
+        except (ValueError, TypeError, OSError, RecursionError) as e:  # a handler's bad input
             raise BadRequest(f"input_fn rejected the request: {type(e).__name__}: {e}") from None
         except Exception as e:
             raise ModelError(f"error in input_fn: {type(e).__name__}: {e}") from e

@@ -13,56 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.io import atomic_write_text
-
-
-def trial_cells(r: dict[str, Any]) -> list[str]:
-    """One trial row as the text cells of the status table and the HTML report: number,
-    state, params, objective, epochs, duration, pruned at, note."""
-    note = r["fail_reason"] or (f"retry of {r['retry_of']}" if r["retry_of"] is not None else "")
-    return [
-        str(r["number"]),
-        r["state"].lower(),
-        " ".join(f"{k}={fmt_value(v)}" for k, v in r["params"].items()),
-        fmt_value(r["value"]),
-        fmt_value(r["epochs_run"]),
-        "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
-        fmt_value(r["pruned_at_epoch"]),
-        note,
-    ]
-
-
-def trial_rows(study) -> list[dict[str, Any]]:
-    """One plain dict per trial: what ``tune status`` and the report show."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        duration = t.user_attrs.get("duration_s")
-        if duration is None and t.datetime_start and t.datetime_complete:
-            duration = (t.datetime_complete - t.datetime_start).total_seconds()
-        state = "WARM_START" if "warm_start" in t.user_attrs else t.state.name
-        rows.append(
-            {
-                "number": t.number,
-                "state": state,
-                "params": dict(t.params),
-                "value": t.value,
-                "epochs_run": t.user_attrs.get("epochs_run", len(t.intermediate_values) or None),
-                "duration_s": duration,
-                "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
-                "fail_reason": t.user_attrs.get("fail_reason"),
-                "retry_of": t.system_attrs.get("failed_trial"),
-                "host": t.user_attrs.get("host"),
-                "run_dir": t.user_attrs.get("run_dir"),
-            }
-        )
-    return rows
-
-
-def fmt_value(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+from visiontune.tuning.storage import study_config
+from visiontune.tuning.trials import (
+    best_summary,
+    fmt_params,
+    trial_cells,
+    trial_counts,
+    trial_rows,
+)
 
 
 def _figures(study) -> list[tuple[str, Any]]:
@@ -91,8 +49,6 @@ def _figures(study) -> list[tuple[str, Any]]:
 
 def render_report(study) -> str:
     """The report as one HTML string with plotly.js inline."""
-    from visiontune.tuning.study import best_summary, study_config, trial_counts
-
     cfg = study_config(study)
     best = best_summary(study)
     counts = trial_counts(study)
@@ -125,7 +81,7 @@ def render_report(study) -> str:
         else (
             f"<p><b>Best trial {best['trial']}</b>: {html.escape(cfg['objective'])} = "
             f"{best['value']:.6g} with "
-            f"<code>{html.escape(' '.join(f'{k}={fmt_value(v)}' for k, v in best['params'].items()))}</code>"
+            f"<code>{html.escape(fmt_params(best['params']))}</code>"
             f"<br>model: <code>{html.escape(str(best['model_dir']))}</code></p>"
         )
     )

@@ -15,7 +15,9 @@ categorical, a value ``TrainConfig`` rejects) ends in one :class:`UserError` lin
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,9 @@ from typing import Any, Literal
 import yaml
 
 from visiontune.errors import UserError
+
+# Finite spaces up to this many points are enumerated to find an untried one.
+_ENUMERATE_UP_TO = 100_000
 
 # Options the tuner owns: tuning them would make trials overwrite each other or lose the study.
 RESERVED = ("data", "output", "monitor", "monitor_mode", "progress")
@@ -107,6 +112,61 @@ class SearchSpace:
     def grid_size(self) -> int:
         return math.prod(len(p.values) for p in self.params)
 
+    def size(self) -> int | None:
+        """How many distinct points the space has, or ``None`` when a range is continuous."""
+        if any(p.type == "continuous" for p in self.params):
+            return None
+        return math.prod(
+            len(p.values) if p.type == "categorical" else int(p.high) - int(p.low) + 1
+            for p in self.params
+        )
+
+    def key(self, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """A hashable identity of a point (``None`` when ``params`` is not a point of this space).
+
+        Values are compared in Optuna's internal form, so ``4`` and ``4.0`` of an integer range
+        are the same point, and categorical values by their index.
+        """
+        dists = self.distributions()
+        try:
+            return tuple(dists[p.name].to_internal_repr(params[p.name]) for p in self.params)
+        except (KeyError, ValueError, TypeError):
+            return None
+
+    def random_point(self, rng: random.Random) -> dict[str, Any]:
+        """One point drawn uniformly (log-uniformly for log ranges)."""
+        point: dict[str, Any] = {}
+        for p in self.params:
+            if p.type == "categorical":
+                point[p.name] = rng.choice(p.values)
+            elif p.type == "integer":
+                point[p.name] = rng.randint(int(p.low), int(p.high))
+            elif p.log:
+                point[p.name] = math.exp(rng.uniform(math.log(p.low), math.log(p.high)))
+            else:
+                point[p.name] = rng.uniform(float(p.low), float(p.high))
+        return point
+
+    def untried_point(self, taken: set[tuple[Any, ...]], rng: random.Random) -> dict | None:
+        """A random point whose key is not in ``taken``, or ``None`` when every point is.
+
+        Small finite spaces are enumerated, so the last untried point is always found; in a
+        large or continuous space a random draw is new almost surely.
+        """
+        size = self.size()
+        if size is not None and size <= _ENUMERATE_UP_TO:
+            points = [
+                dict(zip(self.names, values, strict=True))
+                for values in itertools.product(*(_values(p) for p in self.params))
+            ]
+            left = [pt for pt in points if self.key(pt) not in taken]
+            return rng.choice(left) if left else None
+        for _ in range(1000):
+            point = self.random_point(rng)
+            if self.key(point) not in taken:
+                return point
+        return None
+
     def validate(self, fixed: dict[str, Any]) -> None:
         """Build a ``TrainConfig`` at every corner of the space (with the fixed options).
 
@@ -126,6 +186,12 @@ class SearchSpace:
                     build_config(TrainConfig, None, {**fixed, **base, p.name: value})
                 except UserError as e:
                     raise UserError(f"space: {p.name}={value!r} is not a valid value: {e}") from e
+
+
+def _values(p: Param) -> list[Any]:
+    if p.type == "categorical":
+        return list(p.values)
+    return list(range(int(p.low), int(p.high) + 1))
 
 
 def _field_name(key: Any) -> str:
@@ -148,6 +214,9 @@ def _number(name: str, spec: dict[str, Any], key: str, integer: bool) -> float |
     value = spec[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"space: {name}.{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        # YAML reads .inf and .nan as floats; a sampler cannot draw from an unbounded range.
+        raise UserError(f"space: {name}.{key} must be a finite number, got {value!r}")
     if integer:
         if float(value) != int(value):
             raise UserError(f"space: {name}.{key} must be a whole number, got {value!r}")
@@ -188,6 +257,9 @@ def parse_param(key: Any, spec: Any) -> Param:
         bad = [v for v in values if not isinstance(v, str | int | float | bool) and v is not None]
         if bad:
             raise UserError(f"space: {key}.values must be plain values, got {bad[0]!r}")
+        odd = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if odd:
+            raise UserError(f"space: {key}.values must be finite numbers, got {odd[0]!r}")
         return Param(name, "categorical", values=tuple(values))
     integer = kind == "integer"
     low = _number(str(key), spec, "min", integer)

@@ -1,0 +1,176 @@
+"""The objective: one trial is one ``train`` run with an epoch-end report callback.
+
+The trial's value is its best epoch's objective, and that epoch's weights are its model. The
+report callback reports the objective after every epoch and, when the pruner says so, sets
+``state.stop_reason`` (callbacks cannot raise into the training loop).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from visiontune.callbacks import Callback
+from visiontune.errors import UserError
+from visiontune.tuning._base import (
+    BEST_EPOCH,
+    COUNTED,
+    DURATION_S,
+    EPOCHS_RUN,
+    FAIL_REASON,
+    HOST,
+    KEEP_CHOICES,
+    MODEL_DIR,
+    PID,
+    PRUNED_AT_EPOCH,
+    RUN_DIR,
+    USED_FEATURE_CACHE,
+    TrialFailed,
+)
+from visiontune.tuning.space import parse_space
+
+
+def trial_run_dir(study_dir: Path, number: int) -> Path:
+    """Where trial ``number`` trains: ``STUDY_DIR/trials/0007``."""
+    return (study_dir / "trials" / f"{number:04d}").resolve()
+
+
+class Objective:
+    """One trial = one training run with an epoch-end report hook."""
+
+    def __init__(self, cfg: dict[str, Any], study_dir: Path) -> None:
+        self.cfg = cfg
+        self.space = parse_space(cfg["space"])
+        self.study_dir = study_dir
+        self.prune = cfg["strategy"] == "hyperband" or cfg["early_stopping"] == "auto"
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        from visiontune.config import TrainConfig, build_config
+        from visiontune.train import train
+
+        # The worker drew the configuration when it claimed the trial; this reads it back.
+        params = self.space.suggest(trial)
+        objective = self.cfg["objective"]
+        mode = "min" if self.cfg["direction"] == "minimize" else "max"
+        run_dir = trial_run_dir(self.study_dir, trial.number)
+        trial.set_user_attr(RUN_DIR, str(run_dir))
+        trial.set_user_attr(HOST, socket.gethostname())
+        trial.set_user_attr(PID, os.getpid())
+        cfg = build_config(
+            TrainConfig,
+            None,
+            {
+                **self.cfg["fixed"],
+                **params,
+                "output": str(run_dir),
+                "monitor": objective,  # the best epoch of a trial is its best objective
+                "monitor_mode": mode,
+                "progress": False,
+                "report": False,  # the study's report covers its trials; 3 MB each adds up
+            },
+        )
+        reporter = _Reporter(trial, objective, self.prune)
+        t0 = time.perf_counter()
+        try:
+            result = train(cfg, [reporter])
+        except (RuntimeError, MemoryError) as e:
+            if isinstance(e, MemoryError) or is_oom(str(e)):
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                reason = f"out of memory: {first}"
+                trial.set_user_attr(FAIL_REASON, reason[:500])
+                raise TrialFailed(reason) from e
+            raise
+        except UserError as e:
+            # A combination only this point of the space hits (checked options pass alone).
+            trial.set_user_attr(FAIL_REASON, str(e)[:500])
+            raise TrialFailed(str(e)) from e
+        duration = time.perf_counter() - t0
+        trial.set_user_attr(EPOCHS_RUN, len(result.history))
+        trial.set_user_attr(DURATION_S, round(duration, 3))
+        trial.set_user_attr(USED_FEATURE_CACHE, bool(result.used_feature_cache))
+        trial.set_user_attr(MODEL_DIR, str(result.model_dir) if result.model_dir else None)
+        trial.set_user_attr(BEST_EPOCH, result.best_epoch)
+        if result.best_metrics:
+            for key in ("valid_loss", "valid_accuracy"):
+                if key in result.best_metrics:
+                    trial.set_user_attr(key, float(result.best_metrics[key]))
+        if result.stop_reason == "pruned":
+            trial.set_user_attr(PRUNED_AT_EPOCH, reporter.pruned_at)
+            raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
+        value = result.best_metrics.get(objective) if result.best_metrics else None
+        if value is None or not math.isfinite(float(value)):
+            trial.set_user_attr(FAIL_REASON, f"objective {objective} is {value} (diverged?)")
+            raise TrialFailed(f"objective {objective} is {value}")
+        return float(value)
+
+
+def is_oom(message: str) -> bool:
+    """CUDA says "out of memory"; the CPU allocator says "not enough memory"."""
+    m = message.lower()
+    return any(s in m for s in ("out of memory", "not enough memory", "can't allocate memory"))
+
+
+class _Reporter(Callback):
+    """Reports the objective after every epoch and stops training when the pruner says so."""
+
+    def __init__(self, trial, objective: str, prune: bool) -> None:
+        self.trial, self.objective, self.prune = trial, objective, prune
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, state, metrics) -> None:
+        value = metrics.get(self.objective)
+        if value is None or not math.isfinite(float(value)):
+            return
+        epoch = int(metrics["epoch"])
+        self.trial.report(float(value), epoch)
+        # A trial at its last epoch has spent its budget: let it complete rather than prune.
+        last = epoch >= state.config.epochs
+        if self.prune and not last and self.trial.should_prune():
+            self.pruned_at = epoch
+            state.stop_reason = "pruned"
+
+
+def tidy_trial_dirs(study, study_dir: Path, keep: str) -> list[Path]:
+    """Delete what ``keep`` does not keep from the run directories of finished trials.
+
+    ``models`` (the default) keeps the model of every complete (or pruned) trial and drops
+    checkpoints, which only a running trial could resume from (a retried trial starts afresh
+    in its own directory);
+    ``best`` keeps only the best trial's model; ``none`` keeps neither (config and metrics
+    stay); ``all`` deletes nothing. Only directories under this machine's ``study_dir`` are
+    touched: another machine's trials are its own to tidy.
+
+    Returns:
+        The directories deleted.
+    """
+    from visiontune.tuning.trials import best_trial, state_of
+
+    if keep not in KEEP_CHOICES:
+        raise ValueError(f"keep must be one of {KEEP_CHOICES}, got {keep!r}")
+    if keep == "all":
+        return []
+    root = (study_dir / "trials").resolve()
+    best = best_trial(study) if keep == "best" else None
+    removed = []
+    for t in study.get_trials(deepcopy=False):
+        run_dir = t.user_attrs.get(RUN_DIR)
+        if not run_dir or not t.state.is_finished() or Path(run_dir).parent != root:
+            continue
+        keep_model = (keep == "models" and state_of(t) in COUNTED) or (
+            best is not None and t.number == best.number
+        )
+        doomed = [Path(run_dir) / "checkpoints"]
+        if not keep_model:
+            doomed.append(Path(run_dir) / "model")
+        for d in doomed:
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed

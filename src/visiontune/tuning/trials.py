@@ -1,0 +1,139 @@
+"""Trial bookkeeping: what counts against the budget, the best trial, and the rows and cells that
+``tune status``, ``tune best`` and the HTML report all show."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from visiontune.tuning._base import (
+    COUNTED,
+    DURATION_S,
+    EPOCHS_RUN,
+    FAIL_REASON,
+    HOST,
+    MODEL_DIR,
+    PRUNED_AT_EPOCH,
+    RUN_DIR,
+    WARM_START,
+)
+from visiontune.tuning.storage import study_config
+
+
+def state_of(t) -> str:
+    """The trial's state name (``COMPLETE``, ``RUNNING``, ...)."""
+    return t.state.name
+
+
+def counted_trials(study) -> list:
+    """Finished trials that use up the budget (warm-start seeds do not)."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if state_of(t) in COUNTED and WARM_START not in t.user_attrs
+    ]
+
+
+def trial_counts(study) -> dict[str, int]:
+    """How many trials are in each state (warm-start seeds as ``WARM_START``)."""
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = "WARM_START" if WARM_START in t.user_attrs else state_of(t)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def best_trial(study):
+    """The best complete trial run by this study (not a warm-start seed), or ``None``."""
+    minimize = study.direction.name == "MINIMIZE"
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if state_of(t) == "COMPLETE"
+        and WARM_START not in t.user_attrs
+        and t.value is not None
+        and math.isfinite(t.value)
+    ]
+    if not done:
+        return None
+    return (min if minimize else max)(done, key=lambda t: (t.value, t.number))
+
+
+def best_summary(study) -> dict[str, Any] | None:
+    """The best trial as plain data: parameters, objective value, and where its model is."""
+    t = best_trial(study)
+    if t is None:
+        return None
+    cfg = study_config(study)
+    return {
+        "study": study.study_name,
+        "trial": t.number,
+        "objective": cfg["objective"],
+        "direction": study.direction.name.lower(),
+        "value": t.value,
+        "params": dict(t.params),
+        "epochs_run": t.user_attrs.get(EPOCHS_RUN),
+        "run_dir": t.user_attrs.get(RUN_DIR),
+        "model_dir": t.user_attrs.get(MODEL_DIR),
+        "host": t.user_attrs.get(HOST),
+    }
+
+
+def trial_rows(study) -> list[dict[str, Any]]:
+    """One plain dict per trial: what ``tune status`` and the report show."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        duration = t.user_attrs.get(DURATION_S)
+        if duration is None and t.datetime_start and t.datetime_complete:
+            duration = (t.datetime_complete - t.datetime_start).total_seconds()
+        state = "WARM_START" if WARM_START in t.user_attrs else state_of(t)
+        rows.append(
+            {
+                "number": t.number,
+                "state": state,
+                "params": dict(t.params),
+                "value": t.value,
+                "epochs_run": t.user_attrs.get(EPOCHS_RUN, len(t.intermediate_values) or None),
+                "duration_s": duration,
+                "pruned_at_epoch": t.user_attrs.get(PRUNED_AT_EPOCH),
+                "fail_reason": t.user_attrs.get(FAIL_REASON),
+                "retry_of": t.system_attrs.get("failed_trial"),
+                "host": t.user_attrs.get(HOST),
+                "run_dir": t.user_attrs.get(RUN_DIR),
+            }
+        )
+    return rows
+
+
+# The header of the table that trial_cells fills (the objective's column is named by the caller).
+CELL_HEADERS = ("#", "state", "params", "objective", "epochs", "duration", "pruned at", "note")
+
+
+def trial_cells(r: dict[str, Any]) -> list[str]:
+    """One trial row as the text cells of the status table and the HTML report: number,
+    state, params, objective, epochs, duration, pruned at, note."""
+    note = r["fail_reason"] or (f"retry of {r['retry_of']}" if r["retry_of"] is not None else "")
+    return [
+        str(r["number"]),
+        r["state"].lower(),
+        fmt_params(r["params"]),
+        fmt_value(r["value"]),
+        fmt_value(r["epochs_run"]),
+        "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
+        fmt_value(r["pruned_at_epoch"]),
+        note,
+    ]
+
+
+def fmt_value(v: Any) -> str:
+    """A cell value: ``-`` for none, 4 significant digits for a float."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def fmt_params(params: dict[str, Any]) -> str:
+    """``k=v k=v`` with floats to 4 significant digits."""
+    return " ".join(f"{k}={fmt_value(v)}" for k, v in params.items())

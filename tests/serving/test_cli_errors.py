@@ -1,0 +1,171 @@
+"""Serving commands used wrongly, through the real console entry point: one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, preexec_fn=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "visiontune", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=preexec_fn,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_serve_on_a_port_in_use_fails_before_loading_the_model(model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", str(model_dir), "--port", str(port))
+    assert_one_line_error(proc, f"127.0.0.1:{port}", "--port")
+    assert "warmed up" not in proc.stdout + proc.stderr  # the model was never loaded
+
+
+def test_serve_refuses_a_model_json_that_lies_in_one_line(model_dir, tmp_path):
+    tampered = tmp_path / "model"
+    shutil.copytree(model_dir, tampered)
+    meta = json.loads((tampered / "model.json").read_text())
+    meta["class_names"] = meta["class_names"][:-1]
+    (tampered / "model.json").write_text(json.dumps(meta))
+    proc = run_cli("serve", str(tampered), "--port", "0")
+    assert_one_line_error(proc, "class_names")
+
+
+def other_model(tmp_path: Path) -> Path:
+    """The same architecture, name and classes as ``model_dir``, other weights."""
+    from visiontune.models.artifact import save_model_dir
+    from visiontune.models.registry import build_model, get_spec
+
+    torch.manual_seed(1)
+    model, _ = build_model("tiny_cnn", 3, weights="none")
+    return save_model_dir(
+        tmp_path / "other",
+        model.eval(),
+        architecture="tiny_cnn",
+        class_ids=["000", "001", "002"],
+        class_names=["red", "green", "blue"],
+        preprocess=get_spec("tiny_cnn").preprocess,
+        name="colours",
+    )
+
+
+def test_transform_refuses_an_output_written_by_another_model(model_dir, tmp_path, image_bytes):
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(3):
+        (images / f"img{i}.jpg").write_bytes(image_bytes(i))
+    out = tmp_path / "out"
+    # In a fresh process: batch transform must not need the HTTP server's modules.
+    script = (
+        "import sys; from visiontune.transform import transform; "
+        f"transform({str(model_dir)!r}, {str(images)!r}, {str(out)!r}, top_k=2); "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'visiontune.serving.app') "
+        "if m in sys.modules))"
+    )
+    first = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().splitlines()[-1] == "[]"
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    identities = {json.dumps(r["model"], sort_keys=True) for r in records}
+    assert len(identities) == 1
+    identity = records[0]["model"]
+    assert identity["name"] == "colours" and identity["version"] and identity["fingerprint"]
+
+    other = other_model(tmp_path)
+    (images / "img9.jpg").write_bytes(image_bytes(9))
+    refused = run_cli("transform", str(other), "--input", str(images), "--output", str(out))
+    assert_one_line_error(refused, "predictions of model 'colours'", "--overwrite")
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3  # left untouched
+
+    redone = run_cli(
+        "transform", str(other), "--input", str(images), "--output", str(out), "--overwrite"
+    )
+    assert redone.returncode == 0, redone.stderr
+    assert "4 predicted" in redone.stdout
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    assert {r["model"]["fingerprint"] for r in records} != {identity["fingerprint"]}
+    assert len({r["model"]["fingerprint"] for r in records}) == 1
+
+
+def test_transform_output_that_is_a_file_is_one_line(model_dir, tmp_path, image_bytes):
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(image_bytes(0))
+    target = tmp_path / "predictions.txt"
+    target.write_text("keep me\n")
+    proc = run_cli("transform", str(model_dir), "--input", str(images), "--output", str(target))
+    assert_one_line_error(proc, "is a file")
+    assert target.read_text() == "keep me\n"
+
+
+def _small_file_limit() -> None:
+    """In the child: files may grow to 20 kB, like a disk that fills up (EFBIG, no signal)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+def test_export_onto_a_full_disk_is_one_line(model_dir, tmp_path):
+    target = tmp_path / "model.onnx"
+    proc = run_cli("export", str(model_dir), "--output", str(target), preexec_fn=_small_file_limit)
+    assert_one_line_error(proc, "cannot write", str(target))
+    assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_saving_a_model_onto_a_full_disk_is_a_user_error(model_dir, tmp_path):
+    script = f"""
+import torch
+from visiontune.errors import UserError
+from visiontune.models.artifact import load_model_dir, save_model_dir
+loaded = load_model_dir({str(model_dir)!r})
+try:
+    save_model_dir({str(tmp_path / "copy")!r}, loaded.model, architecture="tiny_cnn",
+                   class_ids=loaded.class_ids, class_names=loaded.class_names,
+                   preprocess=loaded.preprocess)
+except UserError as e:
+    print("UserError:", e)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        preexec_fn=_small_file_limit,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("UserError: cannot write"), proc.stdout
+    assert "\n" not in proc.stdout.strip()
