@@ -51,6 +51,13 @@ def test_params_metrics_tags_artifacts_and_model(tracked_run, mlflow_server):
     steps = sorted(m.step for m in client.get_metric_history(saved["run_id"], "train_loss_step"))
     assert steps == list(range(1, valid[-1]["step"] + 1))
     assert run.data.metrics["test_accuracy"] == result.test_metrics["accuracy"]
+    # System metrics are the profiler's samples (RUN/profile/system), not a second sampler.
+    from visiontune.profile.store import read_series
+
+    samples = read_series(run_dir / "profile" / "system", "time")
+    cpu = client.get_metric_history(saved["run_id"], "system/cpu")
+    assert samples is not None and len(cpu) == samples.num_rows > 0
+    assert [m.value for m in cpu] == pytest.approx(samples.column("cpu").to_pylist())
     artifacts = {a.path for a in client.list_artifacts(saved["run_id"])}
     assert {"config.yaml", "metrics.jsonl", "evaluation.json"} <= artifacts
 

@@ -13,9 +13,11 @@ At start, an unreachable server is one line and a non-zero exit before any train
 (``UserError``), unless ``tracking.optional`` (``--tracking-optional``) is set: then a warning
 and no tracking.
 
-System metrics: the profiler's sampler owns system sampling. When it puts its latest sample
-on the state as ``state.system_metrics`` (a ``{name: number}`` dict), this callback logs it
-with a ``system/`` prefix at each logging point; no second sampler runs here.
+System metrics come from the profiler's sampler, never from a second sampler: at the end of
+the run its series (``RUN/profile/system/``) is logged as ``system/<column>`` metrics (step =
+sample index, timestamp = sample time). Were the profiler to share its latest sample live as
+``state.system_metrics`` (a ``{name: number}`` dict), it would also be logged at each logging
+point with the same prefix.
 """
 
 from __future__ import annotations
@@ -385,6 +387,7 @@ class MlflowCallback(Callback):
             return
         run_dir, client, run_id = Path(state.run_dir), _mlflow_client(self.uri), self.run_id
         self._call("artifacts", lambda: _log_run_artifacts(client, run_id, run_dir))
+        self._call("system metrics", lambda: _log_system_series(client, run_id, run_dir))
         if result is not None:
             status = "FINISHED"
         elif state.error and not state.stop_reason:
@@ -563,6 +566,38 @@ def _git_commit() -> str | None:
         if out.returncode == 0:
             return out.stdout.strip() or None
     return None
+
+
+def _log_system_series(client: Any, run_id: str, run_dir: Path) -> None:
+    """The profiler's system samples (``RUN/profile/system/``) as ``system/*`` metrics; after a
+    resume, only samples newer than those MLflow has."""
+    folder = run_dir / "profile" / "system"
+    if not folder.is_dir():
+        return
+    from mlflow.entities import Metric
+
+    from visiontune.profile.store import read_series
+
+    table = read_series(folder, "time")
+    if table is None or not table.num_rows:
+        return
+    rows = table.to_pylist()
+    logged = client.get_metric_history(run_id, "system/cpu")
+    newest = max((m.timestamp for m in logged), default=-1)
+    first_step = len(logged)
+    metrics = []
+    step = first_step
+    for row in rows:
+        ts = int(row["time"] * 1000)
+        if ts <= newest:
+            continue
+        for k, v in row.items():
+            if k == "time" or k.startswith("cpu_core_") or not _is_number(v):
+                continue
+            metrics.append(Metric(f"system/{k}", float(v), ts, step))
+        step += 1
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
 def _log_run_artifacts(client: Any, run_id: str, run_dir: Path) -> None:
