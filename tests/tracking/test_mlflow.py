@@ -210,3 +210,38 @@ def test_registry_uris_serve_the_runs_model_on_the_sagemaker_contract(tracked_ru
     with pytest.raises(UserError, match="tiny-cnn"):
         resolve_model_uri("models:/tiny-cnn/99", mlflow_server.url)
     assert resolve_model_uri(str(run_dir / "model")) == str(run_dir / "model")
+
+
+def test_tuning_study_is_a_parent_run_with_a_nested_run_per_trial(
+    image_dataset, tmp_path, mlflow_server
+):
+    from visiontune.tracking.tuning import log_study
+    from visiontune.tuning.space import parse_space
+    from visiontune.tuning.storage import load_study
+    from visiontune.tuning.study import TuneSettings, tune
+
+    fixed = tiny_config(
+        image_dataset, tmp_path / "unused", epochs=1,
+        tracking={"uri": mlflow_server.url, "experiment": "tuning"},
+    )  # fmt: skip
+    space = parse_space({"lr": {"type": "categorical", "values": [0.01, 0.05]}})
+    settings = TuneSettings(
+        study="lrs", study_dir=str(tmp_path / "study"), strategy="grid", max_trials=2,
+        heartbeat=1, report=True,
+    )  # fmt: skip
+    result = tune(settings, fixed, space)
+    parent = log_study(load_study(result.study, result.storage), result.study_dir, result.report)
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("tuning")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(runs) == 3 and len(children) == 2  # the study, and one run per trial
+    assert {r.data.params["lr"] for r in children} == {"0.01", "0.05"}
+    assert all(r.data.tags["visiontune.trial_state"] == "complete" for r in children)
+    best = [r for r in children if r.data.tags.get("visiontune.best_trial") == "true"]
+    assert len(best) == 1
+    assert best[0].data.metrics["trial_value"] == pytest.approx(result.best["value"])
+    study_run = client.get_run(parent)
+    assert study_run.data.tags["visiontune.best_trial_run_id"] == best[0].info.run_id
+    assert study_run.info.status == "FINISHED"
+    assert "report.html" in {a.path for a in client.list_artifacts(parent)}

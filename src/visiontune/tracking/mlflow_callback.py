@@ -30,13 +30,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visiontune.callbacks import Callback
 from visiontune.errors import UserError
+from visiontune.tracking._mlflow import use_tracking_uri
+
+__all__ = ["MlflowCallback", "from_config", "resolve_tracking_uri", "use_tracking_uri"]
 
 if TYPE_CHECKING:
     from visiontune.callbacks import TrainState
@@ -337,9 +340,19 @@ class MlflowCallback(Callback):
                 )
                 run_id = None
         if run_id is None:
-            run = client.create_run(
-                self.experiment_id, run_name=Path(state.run_dir).name, tags=_tags(state)
-            )
+            tags = _tags(state)
+            name = Path(state.run_dir).name
+            study_dir = study_dir_of(Path(state.run_dir))
+            if study_dir is not None:
+                # A tuning trial: nested under its study's parent run.
+                from visiontune.tracking.tuning import study_parent_run
+
+                tags["mlflow.parentRunId"] = study_parent_run(
+                    client, self.uri, self.experiment_id, study_dir
+                )
+                tags["visiontune.trial"] = str(int(name))
+                name = f"{study_dir.name}/trial-{int(name)}"
+            run = client.create_run(self.experiment_id, run_name=name, tags=tags)
             run_id = run.info.run_id
         self.run_id = run_id
         self._save_state()
@@ -487,6 +500,13 @@ class MlflowCallback(Callback):
         atomic_write_json(self._run_dir / STATE_FILE, record)
 
 
+def study_dir_of(run_dir: Path) -> Path | None:
+    """The study directory when ``run_dir`` is a tuning trial's (``STUDY/trials/0007``)."""
+    if run_dir.parent.name == "trials" and run_dir.name.isdigit():
+        return run_dir.parent.parent
+    return None
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -609,19 +629,3 @@ def _log_run_artifacts(client: Any, run_id: str, run_dir: Path) -> None:
         path = run_dir / rel
         if path.is_dir():
             client.log_artifacts(run_id, str(path), rel)
-
-
-@contextlib.contextmanager
-def use_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (``log_model``) reads one global URI; point it at ``uri`` for
-    the duration."""
-    import mlflow
-
-    try:
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-    except ImportError:  # a later MLflow moved it: set it for the process
-        mlflow.set_tracking_uri(uri)
-        yield
-        return
-    with _use_tracking_uri(uri):
-        yield

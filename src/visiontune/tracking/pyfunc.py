@@ -14,6 +14,7 @@ import base64
 import io
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +30,33 @@ mlflow.models.set_model(ImageClassifier())
 """
 
 
-class ImageClassifier(PythonModel):
-    """Top-1 label of each image in the ``image`` column, from a visiontune model directory."""
+# MLflow asks for type hints on predict() as it defines the class; the signature is explicit.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
 
-    # No type hints on these two: MLflow would read them as a schema; the signature is explicit.
-    def load_context(self, context):
-        from visiontune.evaluate import Predictor
+    class ImageClassifier(PythonModel):
+        """Top-1 label of each image in the ``image`` column, from a visiontune model directory."""
 
-        self.predictor = Predictor(context.artifacts["model_dir"], device="cpu", precision="fp32")
+        # No type hints on these two: MLflow would read them as a schema; the signature is explicit.
+        def load_context(self, context):
+            from visiontune.evaluate import Predictor
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+            self.predictor = Predictor(
+                context.artifacts["model_dir"], device="cpu", precision="fp32"
+            )
 
-        images = [_image_bytes(v) for v in _column(model_input)]
-        top = self.predictor.top_k(images, k=1)
-        return pd.DataFrame(
-            {
-                "label": [t[0]["label"] for t in top],
-                "class_id": [t[0]["class_id"] for t in top],
-                "probability": [float(t[0]["probability"]) for t in top],
-            }
-        )
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            images = [_image_bytes(v) for v in _column(model_input)]
+            top = self.predictor.top_k(images, k=1)
+            return pd.DataFrame(
+                {
+                    "label": [t[0]["label"] for t in top],
+                    "class_id": [t[0]["class_id"] for t in top],
+                    "probability": [float(t[0]["probability"]) for t in top],
+                }
+            )
 
 
 def _column(model_input: Any) -> list[Any]:
@@ -128,7 +135,7 @@ def log_pyfunc_model(
     given); returns MLflow's ``ModelInfo``."""
     import pandas as pd
 
-    from visiontune.tracking.mlflow_callback import use_tracking_uri
+    from visiontune.tracking._mlflow import use_tracking_uri
 
     size = int((meta.get("preprocess") or {}).get("input_size") or 64)
     example = pd.DataFrame({"image": [_example_image(size)]})
