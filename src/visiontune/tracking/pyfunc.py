@@ -14,7 +14,6 @@ import base64
 import io
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,33 +29,27 @@ mlflow.models.set_model(ImageClassifier())
 """
 
 
-# MLflow asks for type hints on predict() as it defines the class; the signature is explicit.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
+class ImageClassifier(PythonModel):
+    """Top-1 label of each image in the ``image`` column, from a visiontune model directory."""
 
-    class ImageClassifier(PythonModel):
-        """Top-1 label of each image in the ``image`` column, from a visiontune model directory."""
+    # No type hints on these two: MLflow would read them as a schema; the signature is explicit.
+    def load_context(self, context):
+        from visiontune.evaluate import Predictor
 
-        # No type hints on these two: MLflow would read them as a schema; the signature is explicit.
-        def load_context(self, context):
-            from visiontune.evaluate import Predictor
+        self.predictor = Predictor(context.artifacts["model_dir"], device="cpu", precision="fp32")
 
-            self.predictor = Predictor(
-                context.artifacts["model_dir"], device="cpu", precision="fp32"
-            )
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
 
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-
-            images = [_image_bytes(v) for v in _column(model_input)]
-            top = self.predictor.top_k(images, k=1)
-            return pd.DataFrame(
-                {
-                    "label": [t[0]["label"] for t in top],
-                    "class_id": [t[0]["class_id"] for t in top],
-                    "probability": [float(t[0]["probability"]) for t in top],
-                }
-            )
+        images = [_image_bytes(v) for v in _column(model_input)]
+        top = self.predictor.top_k(images, k=1)
+        return pd.DataFrame(
+            {
+                "label": [t[0]["label"] for t in top],
+                "class_id": [t[0]["class_id"] for t in top],
+                "probability": [float(t[0]["probability"]) for t in top],
+            }
+        )
 
 
 def _column(model_input: Any) -> list[Any]:
