@@ -50,6 +50,8 @@ STATE_FILE = "mlflow.json"
 UNSENT_FILE = "mlflow-unsent.jsonl"
 # The MLflow artifact path of the logged model (so runs:/ID/model names it).
 MODEL_ARTIFACT = "model"
+# How long metric records are gathered before they are sent together.
+FLUSH_INTERVAL_S = 2.0
 # Attempts per request before tracking is declared lost, and the pause before each retry.
 RETRY_DELAYS_S = (1.0, 3.0)
 # MLflow's own HTTP retries, unless the user set them: bounded, so a dead server is noticed
@@ -255,10 +257,16 @@ class _Sender:
             if op is None:
                 return
             if op.kind == "metrics":
-                # Batch every metric record already waiting: one request, not one per epoch.
+                # Gather metric records for up to FLUSH_INTERVAL_S into one request: a request
+                # per logged step would take CPU from the training thread. Any other op, or the
+                # end of the run, sends what was gathered at once (order is kept).
+                deadline = time.monotonic() + FLUSH_INTERVAL_S
                 while not pending:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
                     try:
-                        nxt = self._q.get_nowait()
+                        nxt = self._q.get(timeout=remaining)
                     except queue.Empty:
                         break
                     if nxt is not None and nxt.kind == "metrics":
