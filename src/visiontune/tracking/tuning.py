@@ -60,8 +60,20 @@ def study_parent_run(client: Any, uri: str, experiment_id: str, study_dir: Path)
 def log_study(study: Any, study_dir: Path, report: Path | None = None) -> str | None:
     """Close the study's parent run: trial states and reasons, the best trial, the report.
 
-    Does nothing (returns ``None``) when no trial was tracked. Returns the parent run id.
+    Does nothing (returns ``None``) when no trial was tracked. Returns the parent run id. A
+    tracking failure is one warning line: it never costs the study its result.
     """
+    import sys
+
+    try:
+        return _log_study(study, Path(study_dir), report)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"warning: could not log the study to MLflow: {first}", file=sys.stderr)
+        return None
+
+
+def _log_study(study: Any, study_dir: Path, report: Path | None) -> str | None:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
