@@ -242,3 +242,15 @@ def test_tuning_study_is_a_parent_run_with_a_nested_run_per_trial(
     assert study_run.data.tags["visiontune.best_trial_run_id"] == best[0].info.run_id
     assert study_run.info.status == "FINISHED"
     assert "report.html" in {a.path for a in client.list_artifacts(parent)}
+
+
+def test_register_model_without_a_tracking_uri_is_one_line(
+    image_dataset, tmp_path, cli, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, _, err = cli(
+        "train", "--data", image_dataset, "--output", tmp_path / "run", "--model", "tiny_cnn",
+        "--register-model", "bees",
+    )  # fmt: skip
+    assert code != 0 and len(err.strip().splitlines()) == 1
+    assert "no MLflow tracking URI" in err and not (tmp_path / "run").exists()
