@@ -234,6 +234,7 @@ CallbackFactory = Callable[["TrainConfig"], Callback | None]
 _BUILTIN: dict[str, str] = {
     "debugger": "visiontune.debug.callback:from_config",
     "profiler": "visiontune.profile.callback:from_config",
+    "tracking": "visiontune.tracking.mlflow_callback:from_config",
 }
 _REGISTRY: dict[str, CallbackFactory] = {}
 
@@ -288,7 +289,7 @@ def resolve_callbacks(cfg: TrainConfig, extra: Iterable[Callback] = ()) -> list[
 def default_callback_names(cfg: TrainConfig) -> list[str]:
     """Callbacks the config's own sections turn on (``debugger:``, ``profiler:``)."""
     names = []
-    for name in ("debugger", "profiler"):
+    for name in ("debugger", "profiler", "tracking"):
         section = getattr(cfg, name, None)
         if section is not None and getattr(section, "enabled", False):
             names.append(name)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from visiontune.debug.config import DebuggerConfig
 from visiontune.errors import UserError
 from visiontune.profile.config import ProfilerConfig
+from visiontune.tracking.config import TrackingConfig
 
 
 class Resolved(BaseModel):
@@ -102,6 +103,9 @@ class TrainConfig(BaseModel):
     callbacks: list[str] = Field(
         default_factory=list,
         description="callbacks by name (debugger, profiler, module:Class) to attach to the loop",
+    )
+    tracking: TrackingConfig | None = Field(
+        None, description="log the run to MLflow (see docs/tracking.md)"
     )
     debugger: DebuggerConfig | None = Field(
         None, description="capture tensors and run rules while training (docs/debugging.md)"

@@ -90,7 +90,7 @@ def _register() -> None:
     # Each module adds its commands to `app`; importing them is cheap (no torch at import time).
     import importlib
 
-    for name in ("data", "train", "tune", "serve", "debug", "report", "script"):
+    for name in ("data", "train", "tune", "serve", "debug", "report", "script", "runs"):
         try:
             importlib.import_module(f"visiontune.cli.{name}")
         except ModuleNotFoundError as e:

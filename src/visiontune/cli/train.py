@@ -57,6 +57,15 @@ def train(
         None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
     ),
     debug: bool = typer.Option(False, "--debug", help="Turn the debugger on (docs/debugging.md)."),
+    tracking_uri: str = typer.Option(
+        None, "--tracking", help="Log to MLflow: http://HOST:PORT, sqlite:///FILE or a folder."
+    ),
+    register_model: str = typer.Option(
+        None, "--register-model", help="Register the model in MLflow under this name."
+    ),
+    tracking_optional: bool = typer.Option(
+        False, "--tracking-optional", help="Train anyway if the tracking server is unreachable."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     profile_steps: str = typer.Option(
         None, help="A-B: record steps A..B with torch.profiler (trace in RUN/profile/)."
@@ -98,6 +107,9 @@ def train(
         except ValueError as e:
             raise UserError(str(e)) from None
         cfg.profiler.profile_steps = profile_steps  # the rest of the profiler section is kept
+    from visiontune.tracking.config import with_tracking_flags
+
+    cfg = with_tracking_flags(cfg, tracking_uri, register_model, tracking_optional)
     try:
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:
