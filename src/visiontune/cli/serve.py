@@ -61,10 +61,11 @@ def serve(
     from visiontune.models.artifact import fetch_model_dir
     from visiontune.serving.app import ServeConfig
     from visiontune.serving.app import serve as run_server
+    from visiontune.tracking.registry import resolve_model_uri
 
     run_server(
         ServeConfig(
-            model_dir=fetch_model_dir(model, endpoint_url),
+            model_dir=fetch_model_dir(resolve_model_uri(model), endpoint_url),
             host=host,
             port=port,
             runtime=runtime,

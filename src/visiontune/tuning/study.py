@@ -339,6 +339,10 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
         from visiontune.tuning.report import write_report
 
         result.report = write_report(study, study_dir / "report.html")
+    if fixed.tracking is not None:  # the study's parent run in MLflow: states, best, report
+        from visiontune.tracking.tuning import log_study
+
+        log_study(study, study_dir, result.report)
     if settings.train_best:
         result.best_run = train_best(study, study_dir / "best")
     return result
