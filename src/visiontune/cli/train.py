@@ -57,6 +57,32 @@ def train(
         None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    nproc_per_node: str = typer.Option(
+        None,
+        "--nproc-per-node",
+        help="Data-parallel on torchrun: processes on this machine (a number, or gpu for one "
+        "per GPU); --batch-size is then the global batch.",
+        rich_help_panel="Distributed (torchrun)",
+    ),
+    nnodes: str = typer.Option(
+        "1",
+        help="Machines in the job (MIN:MAX for elastic).",
+        rich_help_panel="Distributed (torchrun)",
+    ),
+    node_rank: int = typer.Option(
+        None,
+        help="This machine's rank (static rendezvous; node 0 hosts it).",
+        rich_help_panel="Distributed (torchrun)",
+    ),
+    rdzv_endpoint: str = typer.Option(
+        None, help="HOST:PORT where the machines meet.", rich_help_panel="Distributed (torchrun)"
+    ),
+    max_restarts: int = typer.Option(
+        0,
+        min=0,
+        help="Restart the group this often after a rank fails (resumes from the last checkpoint).",
+        rich_help_panel="Distributed (torchrun)",
+    ),
 ) -> None:
     from visiontune.config import TrainConfig, build_config, parse_overrides
     from visiontune.errors import UserError
@@ -82,11 +108,23 @@ def train(
         if data is None and config is None:
             raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
         cfg = build_config(TrainConfig, config, flags)
+    if nproc_per_node is not None:  # validated above: now the same command on every process
+        raise typer.Exit(
+            _launch(cfg, nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts)
+        )
+    from visiontune import dist
+
     try:
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         raise typer.Exit(128 + e.signum) from None
+    except Exception as e:
+        if dist.env_world_size() > 1:
+            dist.report_failure(e)  # this rank's one line, for torchrun and the launcher
+        raise
+    if not dist.is_main_process():
+        return
     summary = {
         "run_dir": str(result.run_dir),
         "model_dir": str(result.model_dir),
@@ -107,6 +145,45 @@ def train(
             f"{t.get('split', 'test')} accuracy {t.get('accuracy', float('nan')):.4f}, "
             f"top-5 {t.get('top5', float('nan')):.4f})"
         )
+
+
+_LAUNCHER_FLAGS = (
+    "--nproc-per-node",
+    "--nnodes",
+    "--node-rank",
+    "--rdzv-endpoint",
+    "--max-restarts",
+)
+
+
+def _launch(cfg, nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts) -> int:
+    """Start this same command under torchrun, without the launcher's own flags."""
+    import hashlib
+
+    from visiontune import dist
+
+    if nnodes.isdigit() and nproc_per_node.isdigit():
+        dist.per_rank_batch(cfg.batch_size, int(nnodes) * int(nproc_per_node))  # fail now
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _LAUNCHER_FLAGS:
+            skip = "=" not in arg
+            continue
+        argv.append(arg)
+    return dist.launch(
+        argv,
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+        # The same on every machine of the job, different for another output.
+        rdzv_id="visiontune-" + hashlib.sha256(cfg.output.encode()).hexdigest()[:12],
+        max_restarts=max_restarts,
+    )
 
 
 @app.command()
