@@ -230,11 +230,38 @@ def setup(device: torch.device, timeout_s: float = 1800.0) -> Group:
         if cuda:
             torch.cuda.set_device(group.local_rank)
             kwargs["device_id"] = torch.device("cuda", group.local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **kwargs)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            store=_attempt_store(group, timeout),
+            rank=group.rank,
+            world_size=world,
+            timeout=timeout,
+            **kwargs,
+        )
         group.owns_init = True
     if dist.get_backend() != "gloo":
         group.control = dist.new_group(backend="gloo", timeout=timeout)
     return group
+
+
+def _attempt_store(group: Group, timeout: datetime.timedelta):
+    """torchrun's store, under a prefix of its own for each restart of the group.
+
+    torchrun keeps one store server across restarts; without a prefix, a restarted rank can
+    read the address a dead rank of the previous attempt published there and wait forever to
+    connect to it.
+    """
+    dist = _dist()
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=group.world_size,
+        is_master=not agent_store and group.rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"visiontune/attempt_{group.restart_count}/", store)
 
 
 def rank_device(group: Group, device: torch.device) -> torch.device:
