@@ -11,7 +11,7 @@ import os
 import signal
 
 
-def KillRank1(cfg):  # noqa: N802  (a factory named like the callback it builds)
+def KillRank1(cfg):
     import psutil
 
     from visiontune.callbacks import Callback

@@ -145,9 +145,10 @@ def test_sigkill_of_a_rank_restarts_the_group_and_resumes_exactly(dataset, tmp_p
     train_acc = [r["accuracy"] for r in rows if r["split"] == "train"]
     assert train_acc == pytest.approx([h["train_accuracy"] for h in ref.history], abs=1e-4)
     resumed = json.loads((run / "evaluation.json").read_text())
-    assert resumed["confusion_matrix"] == json.loads(
-        (tmp_path / "one" / "evaluation.json").read_text()
-    )["confusion_matrix"]
+    assert (
+        resumed["confusion_matrix"]
+        == json.loads((tmp_path / "one" / "evaluation.json").read_text())["confusion_matrix"]
+    )
 
 
 def test_a_rank_failing_on_bad_input_stops_the_job_with_its_one_line_error(dataset, tmp_path):
