@@ -38,17 +38,14 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run(data: Path, out: Path, nproc: int, args) -> float:
+def run(data: Path, out: Path, nproc: int, threads: int, args) -> float:
     cmd = [sys.executable, "-m", "visiontune", "train", "--data", str(data), "--output", str(out),
            "--model", args.model, "--weights", "none", "--trainable", "all", "--augment", "light",
            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--workers", "1",
            "--precision", "fp32", "--set", "progress=false", "--set", "report=false"]  # fmt: skip
-    env = dict(os.environ)
-    env.pop("OMP_NUM_THREADS", None)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if nproc > 1:
         cmd += ["--nproc-per-node", str(nproc)]
-    else:
-        env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr}")
@@ -78,15 +75,25 @@ def main() -> int:
         print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
         print(f"{args.model}, all layers trainable, {4 * args.images_per_class} training images "
               f"of 128 px, global batch {args.batch_size}, {args.epochs} epochs\n")  # fmt: skip
-        one, many = [], []
+        cores = os.cpu_count() or 1
+        share = max(1, cores // args.nproc)
+        # One process with every core, one with an N-th of them, N processes with an N-th each:
+        # the fair baseline is the faster single process.
+        variants = [(1, cores), (1, share), (args.nproc, share)]
+        ips: dict[tuple[int, int], list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            one.append(run(data, tmp_path / f"one{r}", 1, args))
-            many.append(run(data, tmp_path / f"many{r}", args.nproc, args))
-        a, b = max(one), max(many)
-        print(f"{'processes':>10} {'images/s':>10}")
-        print(f"{1:>10} {a:>10.1f}")
-        print(f"{args.nproc:>10} {b:>10.1f}")
-        print(f"\nspeed-up x{b / a:.2f}, scaling efficiency {b / (args.nproc * a):.0%}")
+            for nproc, threads in variants:
+                out = tmp_path / f"run{r}-{nproc}x{threads}"
+                ips[(nproc, threads)].append(run(data, out, nproc, threads, args))
+        print(f"{'processes':>10} {'threads each':>13} {'images/s':>10}")
+        for (nproc, threads), values in ips.items():
+            print(f"{nproc:>10} {threads:>13} {max(values):>10.1f}")
+        single = max(max(ips[variants[0]]), max(ips[variants[1]]))
+        many = max(ips[variants[2]])
+        print(
+            f"\nspeed-up over the faster single process x{many / single:.2f}, "
+            f"scaling efficiency {many / (args.nproc * single):.0%}"
+        )
     return 0
 
 

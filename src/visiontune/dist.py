@@ -541,8 +541,7 @@ def launch(
         print(f"error: {root_cause(e.failures)}", file=sys.stderr)
         codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
         return max(codes) if codes else 1
-    except SignalException as e:
-        print(f"stopped by {e.sigval.name}", file=sys.stderr)
+    except SignalException as e:  # rank 0 said where its checkpoint is
         return 128 + int(e.sigval)
     finally:
         agent_log.removeFilter(notice)

@@ -117,7 +117,9 @@ def train(
     try:
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if dist.is_main_process():  # every rank stopped at the same step; one says so
+            same = " and the same --nproc-per-node" if dist.env_world_size() > 1 else ""
+            print(f"stopped: {e}{same}", file=sys.stderr)
         raise typer.Exit(128 + e.signum) from None
     except Exception as e:
         if dist.env_world_size() > 1:
