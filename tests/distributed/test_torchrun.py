@@ -162,10 +162,20 @@ def test_a_rank_failing_on_bad_input_stops_the_job_with_its_one_line_error(datas
     assert not (tmp_path / "two" / "model").exists()
 
 
-def test_global_batch_must_split_over_the_processes(dataset, tmp_path, cli):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch-size", "7", "--nproc-per-node", "2"],
+         "error: --batch-size 7 is the global batch and does not split evenly over 2"),
+        (["--nproc-per-node", "2", "--nnodes", "2"],
+         "error: several machines (--nnodes) need --rdzv-endpoint HOST:PORT"),
+    ],
+)  # fmt: skip
+def test_launcher_usage_errors_are_one_line_before_any_process_starts(
+    dataset, tmp_path, cli, flags, message
+):
     code, _, err = cli("train", "--data", dataset, "--output", tmp_path / "r", "--model",
-                       "tiny_cnn", "--weights", "none", "--batch-size", "7",
-                       "--nproc-per-node", "2")  # fmt: skip
+                       "tiny_cnn", "--weights", "none", *flags)  # fmt: skip
     assert code == 2
-    assert "error: --batch-size 7 is the global batch and does not split evenly over 2" in err
+    assert err.strip() == message or err.startswith(message), err
     assert not (tmp_path / "r").exists()
