@@ -52,11 +52,6 @@ def train(
     limit_per_class: int = typer.Option(None, help="Use at most N images per class."),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
     checkpoint_every_steps: int = typer.Option(None, help="Also checkpoint every N steps."),
-    set_: list[str] = typer.Option(None, "--set", help="Any config key: KEY=VALUE."),
-    callback: list[str] = typer.Option(
-        None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     nproc_per_node: str = typer.Option(
         None,
         "--nproc-per-node",
@@ -83,7 +78,13 @@ def train(
         help="Restart the group this often after a rank fails (resumes from the last checkpoint).",
         rich_help_panel="Distributed (torchrun)",
     ),
+    set_: list[str] = typer.Option(None, "--set", help="Any config key: KEY=VALUE."),
+    callback: list[str] = typer.Option(
+        None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
+    from visiontune import dist
     from visiontune.config import TrainConfig, build_config, parse_overrides
     from visiontune.errors import UserError
     from visiontune.train import TrainingInterrupted
@@ -108,13 +109,10 @@ def train(
         if data is None and config is None:
             raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
         cfg = build_config(TrainConfig, config, flags)
-    if nproc_per_node is not None:  # validated above: now the same command on every process
-        raise typer.Exit(
-            _launch(cfg, nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts)
-        )
-    from visiontune import dist
-
     try:
+        if nproc_per_node is not None:  # validated above: the same command on every process
+            code = _launch(cfg, nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts)
+            raise SystemExit(code)
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:
         if dist.is_main_process():  # every rank stopped at the same step; one says so
