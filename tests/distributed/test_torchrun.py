@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import write_dataset
 
 from visiontune.config import TrainConfig, build_config
@@ -53,8 +56,8 @@ def _flags(values: dict) -> list[str]:
     return out
 
 
-def torchrun_train(data: Path, out: Path, *extra: str, pythonpath=(), **values):
-    """``visiontune train --nproc-per-node 2`` in a subprocess; returns the CompletedProcess."""
+def torchrun_cmd(data: Path, out: Path, *extra: str, pythonpath=(), **values):
+    """The command line and environment of ``visiontune train --nproc-per-node 2``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [*map(str, pythonpath), str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]
@@ -62,6 +65,12 @@ def torchrun_train(data: Path, out: Path, *extra: str, pythonpath=(), **values):
     env.pop("OMP_NUM_THREADS", None)  # let the launcher share the cores out
     cmd = [sys.executable, "-m", "visiontune", "train", "--data", str(data), "--output", str(out),
            "--nproc-per-node", "2", *_flags({**COMMON, **values}), *extra]  # fmt: skip
+    return cmd, env
+
+
+def torchrun_train(data: Path, out: Path, *extra: str, pythonpath=(), **values):
+    """``visiontune train --nproc-per-node 2`` in a subprocess; returns the CompletedProcess."""
+    cmd, env = torchrun_cmd(data, out, *extra, pythonpath=pythonpath, **values)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
 
 
@@ -160,6 +169,29 @@ def test_a_rank_failing_on_bad_input_stops_the_job_with_its_one_line_error(datas
     assert lines[0].startswith("error: rank 1: [Errno 5] Input/output error")
     assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
     assert not (tmp_path / "two" / "model").exists()
+
+
+def test_sigterm_to_the_job_checkpoints_once_and_exits(dataset, tmp_path):
+    run = tmp_path / "two"
+    cmd, env = torchrun_cmd(dataset, run, augment="light", epochs=1000)  # it must be stopped
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "checkpoints" / "last.pt").is_file() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint was ever written"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.count("stopped: stopped by SIGTERM; checkpoint saved") == 1, err
+    assert "--resume" in err and "Traceback" not in err
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert len(ck["rank_rng"]) == 2 and ck["step"] > 0
+    assert not (run / "model").exists()
 
 
 @pytest.mark.parametrize(
