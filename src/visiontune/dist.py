@@ -132,13 +132,15 @@ class Group:
         if not self.distributed:
             return [float(v.item()) if torch.is_tensor(v) else float(v) for v in values]
         device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+        # On the tensors' device (a GPU under NCCL), in float64 so counts stay exact.
         t = torch.stack(
             [
-                v.detach().to(torch.float64) if torch.is_tensor(v) else torch.tensor(float(v))
+                v.detach().to(device, torch.float64)
+                if torch.is_tensor(v)
+                else torch.tensor(float(v), dtype=torch.float64, device=device)
                 for v in values
             ]
         )
-        t = t.to(device, torch.float64)
         _dist().all_reduce(t)
         return t.tolist()
 
@@ -261,7 +263,12 @@ def _attempt_store(group: Group, timeout: datetime.timedelta):
         timeout=timeout,
         wait_for_workers=False,
     )
-    return dist.PrefixStore(f"visiontune/attempt_{group.restart_count}/", store)
+    # Also one prefix per job in this process (train() called again, e.g. by a notebook).
+    _INITS.append(group.restart_count)
+    return dist.PrefixStore(f"visiontune/attempt_{group.restart_count}/{len(_INITS)}/", store)
+
+
+_INITS: list[int] = []
 
 
 def rank_device(group: Group, device: torch.device) -> torch.device:
