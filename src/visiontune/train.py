@@ -4,11 +4,12 @@
 goes through them (in the spirit of torchvision's references/classification/train.py and
 torchtune's recipes):
 
-    prepare the run directory and config      RunDir (visiontune.run), _resolve_runtime
+    prepare the run directory and config      RunDir (visiontune.run), _resolve_runtime, _open_run
     load_data                                 splits, recorded with the run
     setup_model                               registry backbone + fresh head, trainable layers
     setup_data                                image loaders, or cached backbone features
     setup_optimization                        optimizer, schedule, scaler, loss
+    distribute                                DistributedDataParallel under torchrun
     train_one_epoch / validate / end_epoch    the loop, written out
     save_checkpoint                           everything exact resume needs
     export_best                               the best epoch evaluated and written as RUN/model
