@@ -89,15 +89,12 @@ def files(run: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("augment", ["light", "none"], ids=["images", "feature-cache"])
-def test_two_processes_match_one_and_only_rank_0_writes(dataset, tmp_path, augment):
+def test_two_processes_match_one_and_only_rank_0_writes(dataset, tmp_path, monkeypatch, augment):
     ref = one_process(dataset, tmp_path / "one", augment=augment)
     events = tmp_path / "events.txt"
-    os.environ["VT_TEST_EVENTS"] = str(events)
-    try:
-        p = torchrun_train(dataset, tmp_path / "two", "--callback", "helpers:EventLog",
-                           augment=augment)  # fmt: skip
-    finally:
-        del os.environ["VT_TEST_EVENTS"]
+    monkeypatch.setenv("VT_TEST_EVENTS", str(events))
+    p = torchrun_train(dataset, tmp_path / "two", "--callback", "helpers:EventLog",
+                       augment=augment)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "batch size 8 (4 per process" in p.stderr
     one, two = tmp_path / "one", tmp_path / "two"
@@ -133,14 +130,11 @@ def test_sharded_evaluation_equals_one_process_exactly(dataset, tmp_path):
         assert sharded[key] == single[key], key  # the same model: the very same numbers
 
 
-def test_sigkill_of_a_rank_restarts_the_group_and_resumes_exactly(dataset, tmp_path):
+def test_sigkill_of_a_rank_restarts_the_group_and_resumes_exactly(dataset, tmp_path, monkeypatch):
     ref = one_process(dataset, tmp_path / "one", augment="light")
-    os.environ["VT_KILL_AT_STEP"] = "5"  # epoch 2, after the step-4 checkpoint
-    try:
-        p = torchrun_train(dataset, tmp_path / "two", "--max-restarts", "1",
-                           "--callback", "rank_faults:KillRank1", augment="light")  # fmt: skip
-    finally:
-        del os.environ["VT_KILL_AT_STEP"]
+    monkeypatch.setenv("VT_KILL_AT_STEP", "5")  # epoch 2, after the step-4 checkpoint
+    p = torchrun_train(dataset, tmp_path / "two", "--max-restarts", "1",
+                       "--callback", "rank_faults:KillRank1", augment="light")  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "restarting the group" in p.stderr
     assert "resuming" in p.stderr and "at epoch 2, batch 1" in p.stderr
