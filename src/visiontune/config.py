@@ -93,6 +93,12 @@ class TrainConfig(BaseModel):
         description="with a frozen backbone and no augmentation, compute backbone features once",
     )
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    sync_batchnorm: bool = Field(
+        False, description="under torchrun, batch-norm statistics over the global batch (CUDA)"
+    )
+    collective_timeout: float = Field(
+        1800.0, gt=0, description="seconds a torchrun rank waits for the others before failing"
+    )
     checkpoint_every_steps: int | None = Field(None, ge=1)
     output: str = Field("runs/latest", description="run directory, local or s3://bucket/prefix")
     progress: bool = True

@@ -55,32 +55,32 @@ def is_cached(key: str) -> bool:
     return _path(key).is_file()
 
 
-def load_or_compute(
-    key: str,
+def load(key: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Cached ``(features, labels, n_bad)`` for ``key``, or ``None`` (a damaged entry is
+    deleted: it is recomputed, never trusted)."""
+    from safetensors.torch import load_file
+
+    path = _path(key)
+    if not path.is_file():
+        return None
+    try:
+        d = load_file(str(path))
+        return d["features"], d["labels"], int(d["n_bad"].item())
+    except Exception:
+        path.unlink(missing_ok=True)
+        return None
+
+
+def compute(
     backbone: torch.nn.Module,
-    loader: DataLoader,
+    loader: Any,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     channels_last: bool = True,
     progress: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Features and labels for every good image of ``loader``, from cache or computed now.
-
-    The loader yields ``(images, labels, n_bad)`` (see ``collate_skip_bad``). Features are
-    stored as fp32 whatever precision computed them.
-
-    Returns:
-        ``(features, labels, n_bad)``.
-    """
-    from safetensors.torch import load_file, save_file
-
-    path = _path(key)
-    if path.is_file():
-        try:
-            d = load_file(str(path))
-            return d["features"], d["labels"], int(d["n_bad"].item())
-        except Exception:
-            path.unlink(missing_ok=True)  # a damaged cache entry is recomputed, never trusted
+    """Features and labels for every good image of ``loader``'s ``(images, labels, n_bad)``
+    batches, stored as fp32 whatever precision computed them."""
     feats, labels, n_bad = [], [], 0
     backbone.eval()
     with torch.inference_mode():
@@ -99,6 +99,37 @@ def load_or_compute(
                 progress(len(targets) + bad)
     features = torch.cat(feats) if feats else torch.empty(0)
     label_t = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-    tensors = {"features": features, "labels": label_t, "n_bad": torch.tensor(n_bad)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
     return features, label_t, n_bad
+
+
+def save(key: str, features: torch.Tensor, labels: torch.Tensor, n_bad: int) -> None:
+    """Store features under ``key`` (atomically: a reader never sees half a file)."""
+    from safetensors.torch import save_file
+
+    tensors = {"features": features, "labels": labels, "n_bad": torch.tensor(n_bad)}
+    atomic_write(_path(key), lambda tmp: save_file(tensors, tmp))
+
+
+def load_or_compute(
+    key: str,
+    backbone: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool = True,
+    progress: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Features and labels for every good image of ``loader``, from cache or computed now.
+
+    The loader yields ``(images, labels, n_bad)`` (see ``collate_skip_bad``). Features are
+    stored as fp32 whatever precision computed them.
+
+    Returns:
+        ``(features, labels, n_bad)``.
+    """
+    found = load(key)
+    if found is not None:
+        return found
+    features, labels, n_bad = compute(backbone, loader, device, amp_dtype, channels_last, progress)
+    save(key, features, labels, n_bad)
+    return features, labels, n_bad

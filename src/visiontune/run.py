@@ -45,6 +45,8 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "model")
 class RunDir:
     """A run directory: ``path`` is local; ``remote`` (``s3://...``) mirrors it when set."""
 
+    writes = True  # False for the view ranks other than 0 of a torchrun job get
+
     def __init__(self, path: Path, remote: str | None = None, endpoint_url: str | None = None):
         self.path = path
         self.remote = remote
@@ -73,6 +75,10 @@ class RunDir:
     def __str__(self) -> str:
         return self.remote or str(self.path)
 
+    def for_rank(self, rank: int) -> RunDir:
+        """This run as rank ``rank`` of a torchrun job sees it: rank 0 is the one writer."""
+        return self if rank == 0 else FollowerRunDir(self.path, self.remote, self.endpoint_url)
+
     # ---- names
     @property
     def config_path(self) -> Path:
@@ -97,6 +103,10 @@ class RunDir:
     @property
     def best_weights_path(self) -> Path:
         return self.path / "checkpoints" / "best.safetensors"
+
+    @property
+    def job_path(self) -> Path:
+        return self.path / "checkpoints" / "job.json"
 
     @property
     def model_dir(self) -> Path:
@@ -135,6 +145,47 @@ class RunDir:
             if created:
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
+
+    # ---- the torchrun job that writes the run (so a restarted group finds its own run)
+    def record_job(self, job_id: str | None) -> None:
+        if job_id is not None:
+            atomic_write_json(self.job_path, {"job": job_id})
+
+    def started_by(self, job_id: str | None) -> bool:
+        try:
+            return job_id is not None and json.loads(self.job_path.read_text())["job"] == job_id
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file() or self.previous_checkpoint_path.is_file()
+
+    def clear(self) -> None:
+        """Remove the run (a restarted job's own run that never reached a checkpoint)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    # ---- config, evaluation, model
+    def save_config(self, config: Any) -> None:
+        from visiontune.config import save_config
+
+        save_config(config, self.config_path)
+
+    def write_evaluation(self, split: str, metrics: dict[str, Any]) -> Path:
+        path = self.evaluation_path(split)
+        atomic_write_json(path, metrics)
+        return path
+
+    def save_model(self, model: Any, **meta: Any) -> Path:
+        """Write ``RUN/model`` (see ``save_model_dir``) with the run's split record in it."""
+        from visiontune.data.splits import export_split_record
+        from visiontune.models.artifact import save_model_dir
+
+        try:
+            model_dir = save_model_dir(self.model_dir, model, name=self.path.name, **meta)
+        except OSError as e:
+            raise UserError(f"cannot write the model to {self.model_dir}: {e.strerror or e}") from e
+        export_split_record(self.path, model_dir)  # the model alone knows which images it saw
+        return model_dir
 
     # ---- checkpoints
     def save_checkpoint(self, payload: dict[str, Any]) -> Path:
@@ -248,3 +299,44 @@ class RunDir:
         from visiontune.uri import upload_tree
 
         upload_tree(self.path, self.remote, self.endpoint_url)
+
+
+class FollowerRunDir(RunDir):
+    """The run directory as ranks other than 0 of a torchrun job see it: they write nothing
+    (rank 0 is the one writer) and what they need from it comes over the process group."""
+
+    writes = False
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        yield
+
+    def record_job(self, job_id: str | None) -> None:
+        pass
+
+    def save_config(self, config: Any) -> None:
+        pass
+
+    def write_evaluation(self, split: str, metrics: dict[str, Any]) -> Path:
+        return self.evaluation_path(split)
+
+    def save_model(self, model: Any, **meta: Any) -> Path:
+        return self.model_dir
+
+    def save_checkpoint(self, payload: dict[str, Any]) -> Path:
+        return self.checkpoint_path
+
+    def save_best(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        pass
+
+    def reset_metrics(self) -> None:
+        pass
+
+    def truncate_metrics(self, step: int) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass

@@ -4,11 +4,12 @@
 goes through them (in the spirit of torchvision's references/classification/train.py and
 torchtune's recipes):
 
-    prepare the run directory and config      RunDir (visiontune.run), _resolve_runtime
+    prepare the run directory and config      RunDir (visiontune.run), _resolve_runtime, _open_run
     load_data                                 splits, recorded with the run
     setup_model                               registry backbone + fresh head, trainable layers
     setup_data                                image loaders, or cached backbone features
     setup_optimization                        optimizer, schedule, scaler, loss
+    distribute                                DistributedDataParallel under torchrun
     train_one_epoch / validate / end_epoch    the loop, written out
     save_checkpoint                           everything exact resume needs
     export_best                               the best epoch evaluated and written as RUN/model
@@ -16,6 +17,13 @@ torchtune's recipes):
 Callbacks (``visiontune.callbacks``) are the only extension point: the debugger, profiler,
 trackers and tuner subscribe to events; the loop never branches on who listens, and
 ``on_train_end`` fires on every exit.
+
+Several processes (torchrun, ``visiontune.dist``) run this same job, one per device: the step
+module is wrapped in DistributedDataParallel, each rank takes its shard of every global batch,
+running sums and evaluation are gathered so every rank sees the whole job's numbers, rank 0
+alone writes the run directory (the others get a read-only view of it), and a group that
+torchrun restarted resumes from the last checkpoint. With one process every collective is the
+identity and the job is what it always was.
 
 Resuming is exact. Each epoch visits a permutation drawn from (seed, epoch); each sample's
 augmentation is seeded from (seed, epoch, index); the checkpoint holds model, optimizer,
@@ -43,9 +51,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from visiontune import dist
 from visiontune import features as feature_cache
 from visiontune.callbacks import Callback, CallbackList, TrainState, resolve_callbacks
-from visiontune.config import Resolved, TrainConfig, save_config
+from visiontune.config import Resolved, TrainConfig
 from visiontune.device import autocast, autocast_dtype, default_workers, resolve_device
 from visiontune.errors import UserError
 from visiontune.evaluate import classification_metrics, collect_logits
@@ -55,7 +64,7 @@ from visiontune.run import RunDir
 RESUMABLE_CHANGES = frozenset(
     {
         "output", "endpoint_url", "s3_cache", "workers", "progress", "checkpoint_every_steps",
-        "callbacks", "debugger", "profiler", "report", "resolved",
+        "callbacks", "debugger", "profiler", "report", "resolved", "collective_timeout",
     }
 )  # fmt: skip
 
@@ -129,6 +138,8 @@ class Loaders:
     make_eval: Callable[[str], DataLoader]
     step_model: nn.Module  # the whole model, or its head when features are cached
     uses_feature_cache: bool
+    # What a training step calls: step_model, under DistributedDataParallel with several ranks.
+    trainer: nn.Module | None = None
 
 
 @dataclass
@@ -151,6 +162,7 @@ class Job:
     cbs: CallbackList
     progress: _Progress
     signals: list[int]
+    dist: dist.Group = field(default_factory=dist.Group)
     data: Data | None = None
     model: nn.Module | None = None
     loaders: Loaders | None = None
@@ -182,14 +194,12 @@ def train(
     """
     from visiontune.models.registry import get_spec
 
+    runtime, group = _resolve_runtime(cfg)  # joins torchrun's process group when launched by it
     run = RunDir.open(cfg.output, cfg.endpoint_url)
-    run.check_can_start(resume)
-    checkpoint = None
-    if resume:
-        cfg = _check_resume_changes(run, cfg)
-        checkpoint = run.load_checkpoint()  # a damaged one fails (or falls back) right away
+    # Rank 0 reads the run directory; the others get what it found (or its failure).
+    cfg, checkpoint, resume = group.on_main(lambda: _open_run(run, cfg, resume, group))
+    run = run.for_rank(group.rank)
     preprocess = get_spec(cfg.model).preprocess_for(cfg.image_size)  # fails before compute
-    runtime = _resolve_runtime(cfg)
     state = TrainState(
         config=cfg,
         run_dir=run.path,
@@ -197,19 +207,26 @@ def train(
         precision=runtime.precision,
         workers=runtime.workers,
         resumed=resume,
+        rank=group.rank,
+        world_size=group.world_size,
     )
     signals, restore_signals = _signal_guard()
-    job = Job(cfg, run, runtime, state, CallbackList(), _Progress(cfg.progress), signals)
+    progress = _Progress(cfg.progress and group.is_main)
+    job = Job(cfg, run, runtime, state, CallbackList(), progress, signals, group)
     result: TrainResult | None = None
     try:
-        job.cbs = CallbackList(resolve_callbacks(cfg, callbacks))
+        # Callbacks the config names (debugger, profiler, trackers) write files: rank 0 only.
+        named = resolve_callbacks(cfg, callbacks) if group.is_main else list(callbacks)
+        job.cbs = CallbackList(named)
         with run.starting():  # a start that fails here leaves no run folder behind
-            job.data = load_data(cfg, run, resume)
+            run.record_job(dist.job_id())  # how a group torchrun restarts finds its own run
+            job.data = group.on_main(lambda: load_data(cfg, run, resume))
             setup_model(job)
         job.cbs.fire("on_train_start", state)
         setup_data(job, preprocess)
         _record_config(job)
         setup_optimization(job)
+        distribute(job)
         if checkpoint is not None:
             restore_checkpoint(job, checkpoint)
         else:
@@ -232,6 +249,28 @@ def train(
 
 # --------------------------------------------------------------------------------------------
 # Phases, in the order train() calls them
+
+
+def _open_run(
+    run: RunDir, cfg: TrainConfig, resume: bool, group: dist.Group
+) -> tuple[TrainConfig, dict[str, Any] | None, bool]:
+    """May this run start (or resume)? Returns the config, the checkpoint to resume from and
+    whether it resumes.
+
+    A group that torchrun restarted after a rank failed runs the same command again: it
+    resumes its own run from the last good checkpoint (or starts it over when none was
+    written yet), recognised by the job id recorded when the run started.
+    """
+    if group.restart_count and not resume and run.started_by(dist.job_id()):
+        resume = run.has_checkpoint()
+        if not resume:
+            run.clear()  # this job's own run, stopped before its first checkpoint
+    run.check_can_start(resume)
+    checkpoint = None
+    if resume:
+        cfg = _check_resume_changes(run, cfg)
+        checkpoint = run.load_checkpoint()  # a damaged one fails (or falls back) right away
+    return cfg, checkpoint, resume
 
 
 def _check_resume_changes(run: RunDir, cfg: TrainConfig) -> TrainConfig:
@@ -270,10 +309,17 @@ def _check_resume_changes(run: RunDir, cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _resolve_runtime(cfg: TrainConfig) -> Runtime:
+def _resolve_runtime(cfg: TrainConfig) -> tuple[Runtime, dist.Group]:
+    """Device, precision and loader workers; under torchrun, the process group too (each rank
+    on its own GPU, the CPU cores shared out between the ranks of a machine)."""
     device = resolve_device(cfg.device)
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    return Runtime(device, autocast_dtype(device, cfg.precision), workers)
+    group = dist.setup(device, cfg.collective_timeout)
+    device = dist.rank_device(group, device)
+    if cfg.workers is not None:
+        workers = cfg.workers
+    else:
+        workers = max(1, default_workers() // group.local_world_size)
+    return Runtime(device, autocast_dtype(device, cfg.precision), workers), group
 
 
 def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
@@ -324,19 +370,21 @@ def setup_data(job: Job, preprocess) -> None:
     from visiontune.data.folder import ImageDataset, collate_skip_bad
     from visiontune.data.transforms import eval_transform, train_transform
 
-    cfg, data, model, rt = job.cfg, job.data, job.model, job.runtime
+    cfg, data, model, rt, group = job.cfg, job.data, job.model, job.runtime, job.dist
     torch.manual_seed(cfg.seed)
+    batch = dist.per_rank_batch(cfg.batch_size, group.world_size)
     eval_batch = max(cfg.batch_size, 64)
 
-    def image_loader(split: str, transform, batch: int, sampler=None, seeded=False):
+    def image_loader(split: str, transform, batch: int | None, sampler=None, seeded=False):
         ds = ImageDataset(
             data.view(), split, transform, decode_size=preprocess.resize_size,
             s3_cache=cfg.s3_cache,
         )  # fmt: skip
+        if batch is None:  # evaluation: the same batches as one process, dealt to the ranks
+            sampler = dist.ShardedBatches(len(ds), eval_batch, group.rank, group.world_size)
         return DataLoader(
             SeededSamples(ds) if seeded else ds,
-            batch_size=batch,
-            sampler=sampler,
+            **({"batch_size": batch, "sampler": sampler} if batch else {"batch_sampler": sampler}),
             num_workers=rt.workers,
             collate_fn=collate_skip_bad,
             pin_memory=rt.device.type == "cuda",
@@ -347,15 +395,16 @@ def setup_data(job: Job, preprocess) -> None:
             generator=torch.Generator().manual_seed(cfg.seed),
         )
 
+    shard = {"rank": group.rank, "world_size": group.world_size}
     if not cfg.uses_feature_cache:
-        sampler = EpochSampler(len(data.splits["train"]), cfg.seed)
+        sampler = EpochSampler(len(data.splits["train"]), cfg.seed, **shard)
         train_loader = image_loader(
-            "train", train_transform(preprocess, cfg.augment), cfg.batch_size, sampler, True
+            "train", train_transform(preprocess, cfg.augment), batch, sampler, True
         )
         job.loaders = Loaders(
             train_loader,
             sampler,
-            lambda split: image_loader(split, eval_transform(preprocess), eval_batch),
+            lambda split: image_loader(split, eval_transform(preprocess), None),
             model,
             False,
         )
@@ -363,23 +412,22 @@ def setup_data(job: Job, preprocess) -> None:
         tensors = {}
         for split in ("train", "valid", "test"):
             if data.splits.get(split):
-                loader = image_loader(split, eval_transform(preprocess), eval_batch)
+                loader = image_loader(split, eval_transform(preprocess), None)
                 tensors[split] = _cached_features(job, split, loader, preprocess)
-        sampler = EpochSampler(len(tensors["train"]), cfg.seed)
+        sampler = EpochSampler(len(tensors["train"]), cfg.seed, **shard)
         train_loader = DataLoader(
             SeededSamples(tensors["train"], seeded=False),
-            batch_size=cfg.batch_size,
+            batch_size=batch,
             sampler=sampler,
             collate_fn=_tensor_collate,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        job.loaders = Loaders(
-            train_loader,
-            sampler,
-            lambda split: DataLoader(tensors[split], batch_size=4096, collate_fn=_tensor_collate),
-            model.head,
-            True,
-        )
+
+        def feature_loader(split: str) -> DataLoader:
+            batches = dist.ShardedBatches(len(tensors[split]), 4096, **shard)
+            return DataLoader(tensors[split], batch_sampler=batches, collate_fn=_tensor_collate)
+
+        job.loaders = Loaders(train_loader, sampler, feature_loader, model.head, True)
     s = job.state
     s.step_model, s.uses_feature_cache = job.loaders.step_model, job.loaders.uses_feature_cache
 
@@ -395,17 +443,25 @@ def _cached_features(job: Job, split: str, loader: DataLoader, preprocess) -> Te
         precision=str(rt.amp_dtype),
         data=job.data.view().fingerprint(split),
     )
-    computing = not feature_cache.is_cached(key)
+    found = feature_cache.load(key)
+    # Any rank without them (another machine's cache): all compute their shard, then share.
+    computing = job.dist.any(found is None)
     if computing:
         state.phase = "features"
         job.cbs.fire("on_features_start", state, split, job.model.backbone)
-    with job.progress.task(f"features {split}", len(job.data.splits[split])) as advance:
-        f, y, bad = feature_cache.load_or_compute(
-            key, job.model.backbone, loader, rt.device, rt.amp_dtype, cfg.channels_last, advance
-        )
-    if computing:
+        batches = dist.BatchSizes(loader)
+        with job.progress.task(f"features {split}", loader.batch_sampler.num_samples) as advance:
+            f, y, bad = feature_cache.compute(
+                job.model.backbone, batches, rt.device, rt.amp_dtype, cfg.channels_last, advance
+            )
+        f, y = job.dist.gather_batches([f, y], batches.sizes, loader.batch_sampler.num_batches)
+        bad = sum(job.dist.all_gather(bad))
+        if job.dist.local_rank == 0:  # one writer per machine's cache
+            feature_cache.save(key, f, y, bad)
         job.cbs.fire("on_features_end", state, split)
         state.phase = "init"
+    else:
+        f, y, bad = found
     if split == "train":
         state.bad_images += bad
     return TensorDataset(f, y)
@@ -413,7 +469,7 @@ def _cached_features(job: Job, split: str, loader: DataLoader, preprocess) -> Te
 
 def _record_config(job: Job) -> None:
     """Say in one line what auto became, and record it in config.yaml (and later model.json)."""
-    cfg, rt = job.cfg, job.runtime
+    cfg, rt, world = job.cfg, job.runtime, job.dist.world_size
     cfg.resolved = Resolved(
         device=str(rt.device),
         precision=rt.precision,
@@ -421,18 +477,26 @@ def _record_config(job: Job) -> None:
         batch_size=cfg.batch_size,
         uses_feature_cache=job.loaders.uses_feature_cache,
     )
-    save_config(cfg, job.run.config_path)
+    job.run.save_config(cfg)
     what = "cached backbone features" if job.loaders.uses_feature_cache else "images"
-    print(
-        f"training {cfg.model} ({cfg.trainable}) on {rt.device} in {rt.precision}, "
-        f"{rt.workers} loader workers, batch size {cfg.batch_size}, from {what}",
-        file=sys.stderr,
+    where = f"{rt.device}" if world == 1 else f"{world} processes ({rt.device.type}, torchrun)"
+    batch = "" if world == 1 else f" ({cfg.batch_size // world} per process; lr not rescaled)"
+    _say(
+        job,
+        f"training {cfg.model} ({cfg.trainable}) on {where} in {rt.precision}, "
+        f"{rt.workers} loader workers, batch size {cfg.batch_size}{batch}, from {what}",
     )
+
+
+def _say(job: Job, line: str) -> None:
+    """One line on stderr, from rank 0 only (the others would repeat it)."""
+    if job.dist.is_main:
+        print(line, file=sys.stderr)
 
 
 def setup_optimization(job: Job) -> None:
     cfg = job.cfg
-    steps_per_epoch = math.ceil(len(job.loaders.sampler) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(job.loaders.sampler) / job.loaders.train.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     optimizer = build_optimizer(cfg, job.model)
@@ -447,17 +511,44 @@ def setup_optimization(job: Job) -> None:
     job.state.optimizer, job.state.steps_per_epoch = optimizer, steps_per_epoch
 
 
+def distribute(job: Job) -> None:
+    """Under torchrun: DistributedDataParallel on the step module (the head alone over cached
+    features; a frozen backbone's parameters are not reduced), and each rank its own dropout
+    stream. With one process the step module runs as it is."""
+    cfg, group, loaders = job.cfg, job.dist, job.loaders
+    loaders.trainer = dist.wrap(
+        loaders.step_model,
+        group,
+        job.runtime.device,
+        sync_bn=cfg.sync_batchnorm,
+        # A frozen backbone's batch-norm statistics never change: nothing to broadcast.
+        broadcast_buffers=not cfg.frozen_backbone,
+    )
+    if group.rank:
+        torch.manual_seed(cfg.seed + group.rank)
+
+
 def restore_checkpoint(job: Job, ck: dict[str, Any]) -> None:
     job.model.load_state_dict(ck["model"])
     job.opt.optimizer.load_state_dict(ck["optimizer"])
     job.opt.scheduler.load_state_dict(ck["scheduler"])
     job.opt.scaler.load_state_dict(ck["scaler"])
-    _set_rng_state(ck["rng"])
+    group = job.dist
+    # Every rank's RNG state is in the checkpoint (rank 0's alone for a one-process run).
+    rngs = ck.get("rank_rng") or [ck["rng"]]
+    _set_rng_state(rngs[group.rank % len(rngs)])
+    if len(rngs) != group.world_size:
+        if group.rank >= len(rngs):
+            torch.manual_seed(job.cfg.seed + group.rank)
+        _say(
+            job,
+            f"warning: resuming a {len(rngs)}-process run on {group.world_size}: the data order "
+            "is exact, dropout's random stream is not",
+        )
     job.state.load_state_dict(ck)
     job.run.truncate_metrics(job.state.step)
-    print(
-        f"resuming {job.run} at epoch {job.state.epoch + 1}, batch {job.state.batch_in_epoch}",
-        file=sys.stderr,
+    _say(
+        job, f"resuming {job.run} at epoch {job.state.epoch + 1}, batch {job.state.batch_in_epoch}"
     )
 
 
@@ -466,18 +557,21 @@ def save_checkpoint(job: Job) -> None:
     state = job.state
     state.phase = "checkpoint"
     job.cbs.fire("on_checkpoint_start", state)
+    rngs = job.dist.all_gather(_rng_state())  # every rank's, so resume is exact on each
     path = job.run.save_checkpoint(
         {
             "model": job.model.state_dict(),
             "optimizer": job.opt.optimizer.state_dict(),
             "scheduler": job.opt.scheduler.state_dict(),
             "scaler": job.opt.scaler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rngs[0],
+            **({"rank_rng": rngs} if len(rngs) > 1 else {}),
             **state.state_dict(),
         }
     )
     job.cbs.fire("on_checkpoint", state, str(path))
     job.run.sync()
+    job.dist.barrier()  # no rank moves on before the checkpoint is on disk
     state.phase = "train"
 
 
@@ -488,17 +582,19 @@ def train_one_epoch(job: Job) -> None:
     fire_batch, fire_start = cbs.listens("on_batch_start"), cbs.listens("on_step_start")
     fire_before = cbs.listens("on_before_backward")
     fire_after, fire_end = cbs.listens("on_after_backward"), cbs.listens("on_step_end")
+    trainer, group = job.loaders.trainer or step_model, job.dist
     params = [p for g in opt.optimizer.param_groups for p in g["params"]]
-    job.loaders.sampler.set_epoch(state.epoch, state.batch_in_epoch * cfg.batch_size)
+    batch = job.loaders.train.batch_size  # this rank's share of the global batch
+    job.loaders.sampler.set_epoch(state.epoch, state.batch_in_epoch * batch)
     state.phase = "train"
     cbs.fire("on_epoch_start", state)
-    step_model.train()
+    trainer.train()
     t0 = time.perf_counter()
     seen_at_start = state.sums["count"]
     # Running sums stay on the device: no host sync per step.
     loss_sum = torch.zeros((), device=device)
     correct_sum = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
+    count = bad_here = 0  # bad_here: this rank's skipped images since the last fold
     task = job.progress.start(state.epoch, cfg.epochs, state.steps_per_epoch, state.batch_in_epoch)
     data_iter = iter(job.loaders.train)
     while state.batch_in_epoch < state.steps_per_epoch:
@@ -509,7 +605,9 @@ def train_one_epoch(job: Job) -> None:
         except StopIteration:
             break
         state.bad_images += bad
-        if targets.numel() == 0:
+        bad_here += bad
+        # Ranks step together: a batch with nothing decodable on any rank is skipped by all.
+        if group.any(targets.numel() == 0):
             state.batch_in_epoch += 1
             continue
         inputs = inputs.to(device, non_blocking=True)
@@ -519,7 +617,7 @@ def train_one_epoch(job: Job) -> None:
         if fire_start:
             cbs.fire("on_step_start", state, (inputs, targets))
         with autocast(device, rt.amp_dtype):
-            outputs = step_model(inputs)
+            outputs = trainer(inputs)
             loss = opt.loss_fn(outputs.float(), targets)
         if fire_before:
             cbs.fire("on_before_backward", state, outputs, loss)
@@ -543,16 +641,16 @@ def train_one_epoch(job: Job) -> None:
         if fire_end:
             cbs.fire("on_step_end", state, (inputs, targets), outputs, loss)
         job.progress.advance(task, n, loss_sum, count, state.sums)
-        stop = bool(job.signals)
-        if stop or (cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0):
-            _fold(state, loss_sum, correct_sum, count)
+        signum = _agreed_signal(job)  # all ranks stop at the same step
+        if signum or (cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0):
+            _fold(job, loss_sum, correct_sum, count, bad_here)
             loss_sum.zero_()
             correct_sum.zero_()
-            count = 0
+            count = bad_here = 0
             save_checkpoint(job)
-            if stop:
-                raise TrainingInterrupted(job.run, job.signals[0])
-    _fold(state, loss_sum, correct_sum, count)
+            if signum:
+                raise TrainingInterrupted(job.run, signum)
+    _fold(job, loss_sum, correct_sum, count, bad_here)
     job.progress.stop(task)
     epoch_time = time.perf_counter() - t0
     seen = state.sums["count"] - seen_at_start
@@ -567,10 +665,14 @@ def validate(job: Job, split: str) -> dict[str, Any]:
     state, rt, previous = job.state, job.runtime, job.state.phase
     state.phase, state.eval_split = "eval", split
     job.cbs.fire("on_evaluation_start", state, split)
+    loader = job.loaders.make_eval(split)
+    batches = dist.BatchSizes(loader)  # this rank's share of the batches, gathered in order
     logits, labels, _ = collect_logits(
-        job.loaders.step_model, job.loaders.make_eval(split), rt.device, rt.amp_dtype,
-        job.cfg.channels_last,
-    )  # fmt: skip
+        job.loaders.step_model, batches, rt.device, rt.amp_dtype, job.cfg.channels_last
+    )
+    logits, labels = job.dist.gather_batches(
+        [logits, labels], batches.sizes, loader.batch_sampler.num_batches
+    )
     metrics = classification_metrics(logits, labels, job.data.class_names)
     job.cbs.fire("on_evaluation_end", state, split, metrics)
     state.phase, state.eval_split = previous, None
@@ -610,31 +712,30 @@ def end_epoch(job: Job, valid: dict[str, Any]) -> None:
     job.cbs.fire("on_epoch_end", state, metrics)
     if cfg.early_stopping and state.stale_epochs >= cfg.early_stopping:
         state.stop_reason = state.stop_reason or "early_stopping"
+    # A callback on one rank (the tuner's, a debugger rule on rank 0) may stop the job.
+    state.stop_reason = job.dist.first(state.stop_reason)
     state.epoch += 1
     state.batch_in_epoch = 0
     state.sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     save_checkpoint(job)
-    if job.signals:
-        raise TrainingInterrupted(job.run, job.signals[0])
+    signum = _agreed_signal(job)
+    if signum:
+        raise TrainingInterrupted(job.run, signum)
 
 
 def export_best(job: Job, preprocess) -> TrainResult:
     """Evaluate the best epoch on the test split (valid when there is none); write RUN/model."""
-    from visiontune.data.splits import export_split_record
-    from visiontune.io import atomic_write_json
-    from visiontune.models.artifact import save_model_dir
-
     cfg, state, run, model = job.cfg, job.state, job.run, job.model
     state.phase = "export"
     job.cbs.fire("on_export_start", state)
-    best = run.load_best()
+    best = job.dist.on_main(run.load_best)  # only rank 0 has the file
     if best is not None:
         device = next(model.parameters()).device
         model.load_state_dict({k: v.to(device) for k, v in best.items()})
     split = "test" if job.data.splits.get("test") else "valid"
     test_metrics = validate(job, split)
     test_metrics["split"] = split
-    atomic_write_json(run.evaluation_path(split), test_metrics)
+    run.write_evaluation(split, test_metrics)
     best_metrics = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     summary = {
         "best_epoch": state.best_epoch,
@@ -644,27 +745,21 @@ def export_best(job: Job, preprocess) -> TrainResult:
         "bad_images": state.bad_images,
     }
     model.to("cpu").to(memory_format=torch.contiguous_format)
-    try:
-        model_dir = save_model_dir(
-            run.model_dir,
-            model,
-            architecture=cfg.model,
-            class_ids=list(job.data.index.class_ids),
-            class_names=job.data.class_names,
-            preprocess=preprocess,
-            metrics=summary,
-            config=cfg.model_dump(mode="json"),
-            name=run.path.name,
-        )
-    except OSError as e:
-        raise UserError(f"cannot write the model to {run.model_dir}: {e.strerror or e}") from e
-    export_split_record(run.path, model_dir)  # the model alone knows which images it saw
+    model_dir = run.save_model(
+        model,
+        architecture=cfg.model,
+        class_ids=list(job.data.index.class_ids),
+        class_names=job.data.class_names,
+        preprocess=preprocess,
+        metrics=summary,
+        config=cfg.model_dump(mode="json"),
+    )
     job.cbs.fire("on_export_end", state, model_dir)
     if state.bad_images:
-        print(
+        _say(
+            job,
             f"warning: {state.bad_images} training image(s) could not be decoded and were "
             f"skipped (run `visiontune data check {cfg.data}` for the list)",
-            file=sys.stderr,
         )
     return TrainResult(
         run_dir=run.path,
@@ -683,10 +778,12 @@ def _finish(job: Job, result: TrainResult | None) -> None:
     """Every exit: callbacks release what they hold, the report is written, S3 is synced."""
     job.state.phase = "done"
     job.cbs.fire("on_train_end", job.state, result)
-    if job.cfg.report and job.run.path.is_dir() and job.run.config_path.is_file():
+    if job.cfg.report and job.run.writes and job.run.config_path.is_file():
         _write_report(job.run.path)
     if result is not None:
         job.run.sync()
+        job.dist.barrier()  # the run is complete on disk when any rank returns
+        job.dist.close()
 
 
 def _write_report(run_dir: Path) -> None:
@@ -704,14 +801,23 @@ def _write_report(run_dir: Path) -> None:
 # Helpers of the phases
 
 
-def _fold(state: TrainState, loss_sum, correct_sum, count) -> None:
-    """Add the device-side running sums into the host totals (one sync)."""
+def _fold(job: Job, loss_sum, correct_sum, count: int, bad_here: int) -> None:
+    """Add the device-side running sums of every rank into the host totals (one sync), so
+    the logged numbers are the whole job's."""
+    state = job.state
+    loss, correct, total, bad = job.dist.sum_values(loss_sum, correct_sum, count, bad_here)
     s = state.sums
     state.sums = {
-        "loss": s["loss"] + float(loss_sum.item()),
-        "correct": s["correct"] + float(correct_sum.item()),
-        "count": s["count"] + count,
+        "loss": s["loss"] + loss,
+        "correct": s["correct"] + correct,
+        "count": s["count"] + total,
     }
+    state.bad_images += round(bad) - bad_here  # this rank's own were counted as they came
+
+
+def _agreed_signal(job: Job) -> int:
+    """The signal (SIGTERM/SIGINT) any rank received, 0 for none: every rank stops together."""
+    return job.dist.agree_max(job.signals[0] if job.signals else 0)
 
 
 def _log_epoch(run: RunDir, step: int, m: dict[str, float]) -> None:
@@ -753,11 +859,15 @@ class EpochSampler(Sampler):
     """A permutation drawn from (seed, epoch), started ``start`` samples in (for resume).
 
     Yields ``(index, sample_seed)`` so a sample's augmentation does not depend on which worker
-    process loads it or on how far the run got before a restart.
+    process loads it or on how far the run got before a restart. Under torchrun each rank
+    takes its share of the permutation (``dist.shard``: padded like DistributedSampler, and
+    dealt so every global batch is the one a single process would draw); ``start`` counts in
+    this rank's share.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -769,12 +879,13 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        order = dist.shard(order, self.rank, self.world_size)
         base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
         for i in order[self.start :]:
             yield i, (base + i) % (2**63)
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return math.ceil(self.n / self.world_size) - self.start
 
 
 class SeededSamples(Dataset):
@@ -866,7 +977,9 @@ def _rng_state() -> dict[str, Any]:
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The current device's only: asking for every device's would open a context on each
+        # GPU from every rank of a torchrun job.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -876,7 +989,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list | tuple):  # older checkpoints: one state per device
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            torch.cuda.set_rng_state(cuda)
 
 
 def _signal_guard():

@@ -52,6 +52,32 @@ def train(
     limit_per_class: int = typer.Option(None, help="Use at most N images per class."),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
     checkpoint_every_steps: int = typer.Option(None, help="Also checkpoint every N steps."),
+    nproc_per_node: str = typer.Option(
+        None,
+        "--nproc-per-node",
+        help="Data-parallel on torchrun: processes on this machine (a number, or gpu for one "
+        "per GPU); --batch-size is then the global batch.",
+        rich_help_panel="Distributed (torchrun)",
+    ),
+    nnodes: str = typer.Option(
+        "1",
+        help="Machines in the job (MIN:MAX for elastic).",
+        rich_help_panel="Distributed (torchrun)",
+    ),
+    node_rank: int = typer.Option(
+        None,
+        help="This machine's rank (static rendezvous; node 0 hosts it).",
+        rich_help_panel="Distributed (torchrun)",
+    ),
+    rdzv_endpoint: str = typer.Option(
+        None, help="HOST:PORT where the machines meet.", rich_help_panel="Distributed (torchrun)"
+    ),
+    max_restarts: int = typer.Option(
+        0,
+        min=0,
+        help="Restart the group this often after a rank fails (resumes from the last checkpoint).",
+        rich_help_panel="Distributed (torchrun)",
+    ),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: KEY=VALUE."),
     callback: list[str] = typer.Option(
         None, "--callback", help="Attach a callback by name (debugger, profiler, module:Class)."
@@ -71,6 +97,7 @@ def train(
         None, help="A-B: record steps A..B with torch.profiler (trace in RUN/profile/)."
     ),
 ) -> None:
+    from visiontune import dist
     from visiontune.config import TrainConfig, build_config, parse_overrides
     from visiontune.errors import UserError
     from visiontune.train import TrainingInterrupted
@@ -111,10 +138,21 @@ def train(
 
     cfg = with_tracking_flags(cfg, tracking_uri, register_model, tracking_optional)
     try:
+        if nproc_per_node is not None:  # validated above: the same command on every process
+            code = _launch(cfg, nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts)
+            raise SystemExit(code)
         result = run_train(cfg, resume=bool(resume))
     except TrainingInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if dist.is_main_process():  # every rank stopped at the same step; one says so
+            same = " and the same --nproc-per-node" if dist.env_world_size() > 1 else ""
+            print(f"stopped: {e}{same}", file=sys.stderr)
         raise typer.Exit(128 + e.signum) from None
+    except Exception as e:
+        if dist.env_world_size() > 1:
+            dist.report_failure(e)  # this rank's one line, for torchrun and the launcher
+        raise
+    if not dist.is_main_process():
+        return
     summary = {
         "run_dir": str(result.run_dir),
         "model_dir": str(result.model_dir),
@@ -135,6 +173,45 @@ def train(
             f"{t.get('split', 'test')} accuracy {t.get('accuracy', float('nan')):.4f}, "
             f"top-5 {t.get('top5', float('nan')):.4f})"
         )
+
+
+_LAUNCHER_FLAGS = (
+    "--nproc-per-node",
+    "--nnodes",
+    "--node-rank",
+    "--rdzv-endpoint",
+    "--max-restarts",
+)
+
+
+def _launch(cfg, nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts) -> int:
+    """Start this same command under torchrun, without the launcher's own flags."""
+    import hashlib
+
+    from visiontune import dist
+
+    if nnodes.isdigit() and nproc_per_node.isdigit():
+        dist.per_rank_batch(cfg.batch_size, int(nnodes) * int(nproc_per_node))  # fail now
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _LAUNCHER_FLAGS:
+            skip = "=" not in arg
+            continue
+        argv.append(arg)
+    return dist.launch(
+        argv,
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+        # The same on every machine of the job, different for another output.
+        rdzv_id="visiontune-" + hashlib.sha256(cfg.output.encode()).hexdigest()[:12],
+        max_restarts=max_restarts,
+    )
 
 
 @app.command()
