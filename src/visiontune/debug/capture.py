@@ -32,34 +32,47 @@ def reduce_tensor(x: torch.Tensor, bins: int) -> torch.Tensor:
 
     NaN and infinities propagate into min/max/mean/std/norms (that is how ExplodingTensor sees
     them) and are counted in ``nan``/``inf``; the histogram covers the finite values only.
+    Called at save steps only: it reads one number back (are all values finite?) to take the
+    fast path, which is most of the time.
     """
     x = x.detach().reshape(-1).float()
     if x.numel() == 0:
         return torch.full((len(REDUCTIONS) + bins,), float("nan"), device=x.device)
     isnan, isinf = torch.isnan(x), torch.isinf(x)
-    finite = ~(isnan | isinf)
-    fmin = torch.where(finite, x, _BIG).min()
-    fmax = torch.where(finite, x, -_BIG).max()
-    span = (fmax - fmin).clamp_min(1e-30)
-    idx = ((x - fmin) / span * bins).floor().clamp(0, bins - 1)
-    idx = torch.where(finite, idx, 0.0).long()
-    hist = torch.zeros(bins, device=x.device).scatter_add_(0, idx, finite.float())
+    n_nan, n_inf = isnan.sum(), isinf.sum()
+    if int(n_nan) + int(n_inf) == 0:
+        lo, hi = torch.aminmax(x)
+        fmin, fmax = lo, hi
+        hist = torch.histc(x, bins, min=float(lo), max=float(hi) if hi > lo else float(lo) + 1)
+    else:
+        finite = ~(isnan | isinf)
+        lo, hi = x.min(), x.max()  # NaN when there is one: ExplodingTensor reads it
+        fmin = torch.where(finite, x, _BIG).min()
+        fmax = torch.where(finite, x, -_BIG).max()
+        span = (fmax - fmin).clamp_min(1e-30)
+        idx = ((x - fmin) / span * bins).floor().clamp(0, bins - 1)
+        idx = torch.where(finite, idx, 0.0).long()
+        hist = torch.zeros(bins, device=x.device).scatter_add_(0, idx, finite.float())
+    if x.numel() > 1:
+        std, mean = torch.std_mean(x, correction=0)
+    else:
+        std, mean = torch.zeros((), device=x.device), x.mean()
     head = torch.stack(
         [
-            x.min(),
-            x.max(),
-            x.mean(),
-            x.std(correction=0) if x.numel() > 1 else torch.zeros((), device=x.device),
+            lo,
+            hi,
+            mean,
+            std,
             x.abs().sum(),
             torch.linalg.vector_norm(x),
             (x == 0).float().mean(),
-            isnan.sum().float(),
-            isinf.sum().float(),
+            n_nan.float(),
+            n_inf.float(),
             fmin,
             fmax,
         ]
     )
-    return torch.cat([head, hist])
+    return torch.cat([head, hist.float()])
 
 
 def activation_kind(module: torch.nn.Module) -> str:
