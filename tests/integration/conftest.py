@@ -104,11 +104,15 @@ def s3_server() -> S3Server:
 @pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """The server's credentials in this test's environment only (and fresh s3fs clients)."""
+    import boto3
     import s3fs
 
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
-    # fsspec caches filesystems by their arguments, not by the environment they read.
+    # fsspec caches filesystems by their arguments, not by the environment they read; boto3's
+    # default session keeps the credentials it resolved first (another test's server).
     s3fs.S3FileSystem.clear_instance_cache()
+    boto3.DEFAULT_SESSION = None
     yield s3_server
     s3fs.S3FileSystem.clear_instance_cache()
+    boto3.DEFAULT_SESSION = None
