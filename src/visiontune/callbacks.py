@@ -234,6 +234,7 @@ CallbackFactory = Callable[["TrainConfig"], Callback | None]
 _BUILTIN: dict[str, str] = {
     "debugger": "visiontune.debug.callback:from_config",
     "profiler": "visiontune.profile.callback:from_config",
+    "report": "visiontune.report.callback:from_config",
     "tracking": "visiontune.tracking.mlflow_callback:from_config",
 }
 _REGISTRY: dict[str, CallbackFactory] = {}
@@ -287,10 +288,17 @@ def resolve_callbacks(cfg: TrainConfig, extra: Iterable[Callback] = ()) -> list[
 
 
 def default_callback_names(cfg: TrainConfig) -> list[str]:
-    """Callbacks the config's own sections turn on (``debugger:``, ``profiler:``)."""
-    names = []
-    for name in ("debugger", "profiler", "tracking"):
+    """Callbacks the config turns on, in the order their ``on_train_end`` must run: the
+    debugger and profiler flush what they captured, the report reads it, trackers upload
+    all of it."""
+
+    def on(name: str) -> bool:
         section = getattr(cfg, name, None)
-        if section is not None and getattr(section, "enabled", False):
-            names.append(name)
+        return section is not None and bool(getattr(section, "enabled", False))
+
+    names = [n for n in ("debugger", "profiler") if on(n)]
+    if getattr(cfg, "report", False):
+        names.append("report")
+    if on("tracking"):
+        names.append("tracking")
     return names

@@ -65,6 +65,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "output", "endpoint_url", "s3_cache", "workers", "progress", "checkpoint_every_steps",
         "callbacks", "debugger", "profiler", "report", "resolved", "collective_timeout",
+        "tracking",
     }
 )  # fmt: skip
 
@@ -775,26 +776,15 @@ def export_best(job: Job, preprocess) -> TrainResult:
 
 
 def _finish(job: Job, result: TrainResult | None) -> None:
-    """Every exit: callbacks release what they hold, the report is written, S3 is synced."""
+    """Every exit: callbacks release what they hold (the report callback writes
+    RUN/report.html after the profiler and debugger have flushed, before trackers upload),
+    then S3 is synced."""
     job.state.phase = "done"
     job.cbs.fire("on_train_end", job.state, result)
-    if job.cfg.report and job.run.writes and job.run.config_path.is_file():
-        _write_report(job.run.path)
     if result is not None:
         job.run.sync()
         job.dist.barrier()  # the run is complete on disk when any rank returns
         job.dist.close()
-
-
-def _write_report(run_dir: Path) -> None:
-    try:
-        from visiontune.report import write_report
-    except ImportError:
-        return
-    try:
-        write_report(run_dir)
-    except Exception as e:  # the report must never cost the run
-        print(f"warning: could not write the run report: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------

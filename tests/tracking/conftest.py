@@ -143,6 +143,8 @@ def tracked_run(mlflow_server, tmp_path_factory):
     data = write_dataset(base / "data")
     tracking = {"uri": mlflow_server.url, "register_model": "tiny-cnn", "log_every_steps": 1}
     profiler = {"sample_interval_ms": 100}  # some system samples even in a tiny run
-    cfg = tiny_config(data, base / "run", epochs=2, lr=0.01, tracking=tracking, profiler=profiler)
+    cfg = tiny_config(
+        data, base / "run", epochs=2, lr=0.01, tracking=tracking, profiler=profiler, report=True
+    )
     result = train(cfg)
     return data, base / "run", result

@@ -59,7 +59,7 @@ def test_params_metrics_tags_artifacts_and_model(tracked_run, mlflow_server):
     assert samples is not None and len(cpu) == samples.num_rows > 0
     assert [m.value for m in cpu] == pytest.approx(samples.column("cpu").to_pylist())
     artifacts = {a.path for a in client.list_artifacts(saved["run_id"])}
-    assert {"config.yaml", "metrics.jsonl", "evaluation.json"} <= artifacts
+    assert {"config.yaml", "metrics.jsonl", "evaluation.json", "report.html"} <= artifacts
 
 
 def test_logged_and_registered_model_predict_the_run_models_top1(tracked_run, mlflow_server):
