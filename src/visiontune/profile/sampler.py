@@ -156,6 +156,13 @@ class SystemSampler:
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, 2 * self.interval))
             self._thread = None
+            # The tail since the last tick is a sample too, so even a run shorter than one
+            # interval has its system usage on disk.
+            try:
+                self.writer.append(self.sample())
+                self.samples += 1
+            except Exception:
+                pass
         self.writer.close()
         self.gpus.close()
 
