@@ -231,56 +231,28 @@ def train_best_script(study, output: Path, *, echo: bool = True) -> JobResult | 
         UserError: the study has no complete trial, is not a script study, or the final run
             did not complete.
     """
-    import json
-    import shutil
-
-    from visiontune.io import atomic_write_json
     from visiontune.script.objective import script_job
     from visiontune.tuning.storage import study_config
-    from visiontune.tuning.study import TRAINED_FROM
-    from visiontune.tuning.trials import best_trial
+    from visiontune.tuning.study import retrain_best
 
     cfg = study_config(study)
     if cfg.get("kind") != "script":
         raise UserError(f"study {study.study_name!r} does not tune a script")
-    t = best_trial(study)
-    if t is None:
-        raise UserError(f"study {study.study_name!r} has no complete trial to train from")
-    source = {"study": study.study_name, "trial": t.number, "params": dict(t.params)}
-    marker = output / TRAINED_FROM
-    if marker.is_file() and (output / "job.json").is_file():
-        try:
-            before = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            before = None
-        if before == source:
-            print(f"{output} is already trained from trial {t.number}, the best", file=sys.stderr)
-            return None
-    previous = output.with_name(f".{output.name}.previous")
-    if previous.exists():  # a final run was killed: its partial run goes, the previous returns
-        shutil.rmtree(output, ignore_errors=True)
-        previous.rename(output)
-    if output.exists():
-        output.rename(previous)
-    job = script_job(cfg["script"], {**cfg.get("fixed", {}), **t.params}, output)
-    job.echo = echo
-    print(f"training the best configuration (trial {t.number}) in {output}", file=sys.stderr)
     start = time.monotonic()
-    try:
+
+    def run(t) -> JobResult:
+        job = script_job(cfg["script"], {**cfg.get("fixed", {}), **t.params}, output)
+        job.echo = echo
+        print(f"training the best configuration (trial {t.number}) in {output}", file=sys.stderr)
         result = run_job(job)
         if not result.ok:
             raise UserError(
                 f"the final run with trial {t.number}'s hyperparameters did not complete "
                 f"({result.failure_reason}); see {output}/logs"
             )
-    except BaseException:
-        if previous.exists():  # a failed final run must not lose the previous one
-            failed = output.with_name(f"{output.name}.failed")
-            shutil.rmtree(failed, ignore_errors=True)
-            output.rename(failed)
-            previous.rename(output)
-        raise
-    atomic_write_json(marker, source)
-    shutil.rmtree(previous, ignore_errors=True)
-    print(f"final run done in {time.monotonic() - start:.1f} s", file=sys.stderr)
+        return result
+
+    _, result = retrain_best(study, output, "job.json", run)
+    if result is not None:
+        print(f"final run done in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return result

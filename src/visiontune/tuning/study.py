@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -348,6 +349,68 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     return result
 
 
+def retrain_best(study, output: Path, done: str, run: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """Run ``run(best_trial)`` into ``output`` unless it already holds a run of the best trial.
+
+    The bookkeeping both kinds of study share (built-in training and users' scripts):
+    ``output/trained_from.json`` names the trial a final run came from; the previous final
+    run is moved aside while the new one runs and put back if it fails (or if a retraining
+    was killed half-way).
+
+    Args:
+        study: the Optuna study.
+        output: the final run's directory.
+        done: the file in ``output`` that marks a completed final run (``model`` or
+            ``job.json``).
+        run: trains the trial's configuration into ``output``.
+
+    Returns:
+        ``(trial, run's result)``, or ``(trial, None)`` when ``output`` is already current.
+
+    Raises:
+        UserError: the study has no complete trial yet.
+    """
+    import json
+    import shutil
+
+    from visiontune.io import atomic_write_json
+
+    t = best_trial(study)
+    if t is None:
+        raise UserError(f"study {study.study_name!r} has no complete trial to train from")
+    source = {"study": study.study_name, "trial": t.number, "params": dict(t.params)}
+    marker = output / TRAINED_FROM
+    if marker.is_file() and (output / done).exists():
+        try:
+            before = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before == source:
+            print(f"{output} is already trained from trial {t.number}, the best", file=sys.stderr)
+            return t, None
+    previous = output.with_name(f".{output.name}.previous")
+    if previous.exists():  # a retraining was killed: its partial run goes, the previous returns
+        shutil.rmtree(output, ignore_errors=True)
+        previous.rename(output)
+    if output.exists():
+        output.rename(previous)
+    try:
+        result = run(t)
+    except BaseException:
+        if previous.exists():  # a failed retraining must not lose the previous final run
+            failed = output.with_name(f"{output.name}.failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            if output.exists():
+                output.rename(failed)
+            previous.rename(output)
+        raise
+    atomic_write_json(marker, source)
+    if previous.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        print(f"retrained {output} from trial {t.number}, the new best", file=sys.stderr)
+    return t, result
+
+
 def train_best(study, output: Path) -> Path:
     """Train the final model with the fixed options and the best trial's parameters.
 
@@ -359,44 +422,14 @@ def train_best(study, output: Path) -> Path:
     Raises:
         UserError: the study has no complete trial yet.
     """
-    import json
-    import shutil
-
     from visiontune.config import TrainConfig, build_config
-    from visiontune.io import atomic_write_json
     from visiontune.train import train
 
-    t = best_trial(study)
-    if t is None:
-        raise UserError(f"study {study.study_name!r} has no complete trial to train from")
-    source = {"study": study.study_name, "trial": t.number, "params": dict(t.params)}
-    marker = output / TRAINED_FROM
-    if marker.is_file() and (output / "model").is_dir():
-        try:
-            before = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            before = None
-        if before == source:
-            print(f"{output} is already trained from trial {t.number}, the best", file=sys.stderr)
-            return output
     cfg = study_config(study)
-    train_cfg = build_config(TrainConfig, None, {**cfg["fixed"], **t.params, "output": str(output)})
-    previous = output.with_name(f".{output.name}.previous")
-    if previous.exists():  # a retraining was killed: its partial run goes, the previous returns
-        shutil.rmtree(output, ignore_errors=True)
-        previous.rename(output)
-    if output.exists():
-        output.rename(previous)
-    try:
-        train(train_cfg)
-    except BaseException:
-        # Put the previous final model back: a failed retraining must not lose it.
-        if previous.exists():
-            shutil.rmtree(output, ignore_errors=True)
-            previous.rename(output)
-        raise
-    atomic_write_json(output / TRAINED_FROM, source)
-    if previous.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        print(f"retrained {output} from trial {t.number}, the new best", file=sys.stderr)
+
+    def run(t) -> Any:
+        values = {**cfg["fixed"], **t.params, "output": str(output)}
+        return train(build_config(TrainConfig, None, values))
+
+    retrain_best(study, output, "model", run)
     return output
