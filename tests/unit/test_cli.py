@@ -66,6 +66,16 @@ def test_help_shows_defaults_and_no_type_beside_flags():
     assert "--install-completion" in visiontune("--help").stdout
 
 
+def test_train_help_shows_the_config_defaults():
+    r = visiontune("train", "--help", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    batch = next(x for x in lines if "--batch-size" in x)
+    assert "[default: (32)]" in batch
+    assert "[default: (efficientnet_lite0)]" in next(x for x in lines if " --model " in x)
+    assert "<bool>" not in next(x for x in lines if " --debug " in x)
+
+
 def test_piped_tables_keep_every_cell_and_json_is_offered():
     r = visiontune("models", env={"COLUMNS": ""})  # piped: not a terminal
     assert r.returncode == 0, r.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from visiontune.cli import app
 
@@ -18,7 +19,25 @@ config key. The run directory gets config.yaml, metrics.jsonl, checkpoints/ and 
 """
 
 
-@app.command(help=_TRAIN_HELP)
+class _ConfigDefaultsCommand(TyperCommand):
+    """Shows TrainConfig's defaults in ``--help``. The options themselves default to None
+    (a flag not given must not override the config file or a resumed run), so the defaults
+    are looked up only when help is drawn: importing the config costs startup time."""
+
+    def format_help(self, ctx, formatter):
+        from visiontune.config import TrainConfig
+
+        for param in self.params:
+            field = TrainConfig.model_fields.get(param.name or "")
+            if field is None or param.default is not None or field.is_required():
+                continue
+            default = field.get_default(call_default_factory=True)
+            if default not in (None, [], {}) and not hasattr(default, "model_dump"):
+                param.show_default = str(default)
+        return super().format_help(ctx, formatter)
+
+
+@app.command(help=_TRAIN_HELP, cls=_ConfigDefaultsCommand)
 def train(
     data: str = typer.Option(None, "--data", "-d", help="Dataset folder, s3:// prefix or name."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML file of config keys."),
