@@ -168,6 +168,7 @@ class Job:
     model: nn.Module | None = None
     loaders: Loaders | None = None
     opt: Optimization | None = None
+    last_eval: tuple[torch.Tensor, torch.Tensor] | None = None  # logits, labels of validate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,9 +676,31 @@ def validate(job: Job, split: str) -> dict[str, Any]:
         [logits, labels], batches.sizes, loader.batch_sampler.num_batches
     )
     metrics = classification_metrics(logits, labels, job.data.class_names)
+    job.last_eval = (logits, labels)
     job.cbs.fire("on_evaluation_end", state, split, metrics)
     state.phase, state.eval_split = previous, None
     return metrics
+
+
+def _misclassified(job: Job, split: str, logits, labels, limit: int = 24) -> list[dict]:
+    """The most confident mistakes on ``split``: image, true and predicted class (the run
+    report shows them as thumbnails)."""
+    items = job.data.splits[split]
+    if len(items) != len(labels):
+        return []  # undecodable images were skipped: paths no longer line up with rows
+    conf, pred = logits.float().softmax(1).max(1)
+    wrong = (pred != labels).nonzero().flatten()
+    worst = wrong[conf[wrong].argsort(descending=True)][:limit].tolist()
+    names = job.data.class_names
+    return [
+        {
+            "image": str(items[i][0]),
+            "true": names[int(labels[i])],
+            "predicted": names[int(pred[i])],
+            "probability": round(float(conf[i]), 4),
+        }
+        for i in worst
+    ]
 
 
 def end_epoch(job: Job, valid: dict[str, Any]) -> None:
@@ -736,6 +759,7 @@ def export_best(job: Job, preprocess) -> TrainResult:
     split = "test" if job.data.splits.get("test") else "valid"
     test_metrics = validate(job, split)
     test_metrics["split"] = split
+    test_metrics["misclassified"] = _misclassified(job, split, *job.last_eval)
     run.write_evaluation(split, test_metrics)
     best_metrics = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     summary = {

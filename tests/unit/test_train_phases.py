@@ -373,3 +373,19 @@ def test_callback_flag_on_the_command_line_attaches_it(image_dataset, tmp_path):
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["callbacks"] == [
         "helpers:EventLog"
     ]
+
+
+def test_evaluation_lists_the_most_confident_mistakes(image_dataset, tmp_path):
+    # lr 0: the untrained head gets some test images wrong, and those are listed.
+    result = train(cfg_for(image_dataset, tmp_path / "run", epochs=1, lr=1e-12))
+    ev = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    wrong = ev["misclassified"]
+    assert wrong  # an untrained head gets some of them wrong
+    cm = ev["confusion_matrix"]
+    assert len(wrong) == min(24, sum(cm[i][j] for i in range(2) for j in range(2) if i != j))
+    for item in wrong:
+        assert Path(item["image"]).is_file() and item["true"] != item["predicted"]
+        assert item["true"] in Path(item["image"]).parent.name
+    probs = [w["probability"] for w in wrong]
+    assert probs == sorted(probs, reverse=True)
+    assert result.test_metrics["misclassified"] == wrong
