@@ -50,19 +50,3 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Keep caches (features, S3 objects, downloads) out of the user's home."""
     home = tmp_path_factory.getbasetemp() / "visiontune-home"
     monkeypatch.setenv("VISIONTUNE_HOME", str(home))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Run the MLflow tracking tests first, in a process no other test has touched yet.
-
-    Known, not yet understood: after the whole suite up to them has run in one process (torchrun
-    launched in-process, uvicorn/uvloop servers, onnxruntime/OpenVINO/Arrow thread pools, ~350
-    threads), the first in-process MLflow-tracked training sometimes dies of a SIGSEGV that the
-    kernel raises while delivering a signal to the main thread (it sits in a lock wait, not in
-    faulting code). Each directory's tests pass on their own and with any of the others we
-    tried; ordering these first keeps the default run green while the cause is found.
-    """
-    first = [i for i in items if "tests/tracking/test_mlflow.py" in i.nodeid.replace("\\", "/")]
-    if first:
-        rest = [i for i in items if i not in first]
-        items[:] = first + rest

@@ -29,6 +29,9 @@ def _wait_for(condition, what: str, deadline_s: float = 120):
 
 
 def test_params_metrics_tags_artifacts_and_model(tracked_run, mlflow_server):
+    # Tracking must not leave MLflow's URI in this process's environment, or every later
+    # training run (and its subprocesses) would be tracked too.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     _, run_dir, result = tracked_run
     saved = json.loads((run_dir / "mlflow.json").read_text())
     client = mlflow_server.client()
