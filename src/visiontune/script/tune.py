@@ -89,26 +89,13 @@ def tune_script(
     Raises:
         UserError: bad input, before any trial runs.
     """
-    from visiontune.tuning.storage import load_study
-    from visiontune.tuning.study import TuneResult
-    from visiontune.tuning.trials import best_summary, trial_counts
+    from visiontune.tuning.study import study_result
     from visiontune.tuning.workers import run_worker, spawn_workers
 
     storage_url, study_dir = create_script_study(settings, job, space, objective_value)
     study_dir.mkdir(parents=True, exist_ok=True)
     _run_workers(settings, storage_url, study_dir, run_worker, spawn_workers)
-    study = load_study(settings.study, storage_url, heartbeat=settings.heartbeat)
-    result = TuneResult(
-        study=settings.study,
-        study_dir=study_dir,
-        storage=storage_url,
-        counts=trial_counts(study),
-        best=best_summary(study),
-    )
-    if settings.report:
-        from visiontune.tuning.report import write_report
-
-        result.report = write_report(study, study_dir / "report.html")
+    study, result = study_result(settings, storage_url, study_dir)
     if settings.train_best:
         train_best_script(study, study_dir / "best", echo=echo)
         result.best_run = study_dir / "best"

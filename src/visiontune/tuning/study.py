@@ -328,6 +328,20 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
             raise
         if all(c != 0 for c in codes):
             raise UserError(f"all {len(procs)} workers failed (exit codes {codes}); see above")
+    study, result = study_result(settings, storage_url, study_dir)
+    if fixed.tracking is not None:  # the study's parent run in MLflow: states, best, report
+        from visiontune.tracking.tuning import log_study
+
+        log_study(study, study_dir, result.report)
+    if settings.train_best:
+        result.best_run = train_best(study, study_dir / "best")
+    return result
+
+
+def study_result(
+    settings: TuneSettings, storage_url: str, study_dir: Path
+) -> tuple[Any, TuneResult]:
+    """The study as the workers left it: counts, best trial, and its HTML report."""
     study = load_study(settings.study, storage_url, heartbeat=settings.heartbeat)
     result = TuneResult(
         study=settings.study,
@@ -340,13 +354,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
         from visiontune.tuning.report import write_report
 
         result.report = write_report(study, study_dir / "report.html")
-    if fixed.tracking is not None:  # the study's parent run in MLflow: states, best, report
-        from visiontune.tracking.tuning import log_study
-
-        log_study(study, study_dir, result.report)
-    if settings.train_best:
-        result.best_run = train_best(study, study_dir / "best")
-    return result
+    return study, result
 
 
 def retrain_best(study, output: Path, done: str, run: Callable[[Any], Any]) -> tuple[Any, Any]:
