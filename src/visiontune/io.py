@@ -100,3 +100,25 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Any]) -> None:
         if "I/O error" not in str(e):
             raise
         raise UserError(f"cannot write {path}: {str(e).split('I/O error: ')[-1]}") from e
+
+
+def read_parquet(source: Any, schema: Any = None) -> Any:
+    """One Parquet file (a path or an open binary file, e.g. fsspec's) as a ``pyarrow.Table``.
+
+    Read synchronously on the calling thread. ``pyarrow.parquet.read_table`` goes through the
+    dataset scanner, whose read-ahead buffers over a Python file object are freed later on an
+    Arrow I/O thread; when the process exits at that moment the thread cannot take the GIL and
+    the process aborts ("terminate called without an active exception", pyarrow 25). ``schema``
+    orders the columns and fills missing ones with nulls.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(source, pre_buffer=False).read(use_threads=False)
+    if schema is None:
+        return table
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)

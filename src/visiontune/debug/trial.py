@@ -197,7 +197,7 @@ class Trial:
 
     def refresh(self) -> None:
         """Read what was written since the last call (a run in progress keeps writing)."""
-        import pyarrow.parquet as pq
+        from visiontune.io import read_parquet
 
         fs = self._fs
         try:
@@ -223,7 +223,7 @@ class Trial:
             if f in self._seen:
                 continue
             with fs.open(f, "rb") as fh:
-                self._rows += pq.read_table(fh, schema=store.schema()).to_pylist()
+                self._rows += read_parquet(fh, store.schema()).to_pylist()
             self._seen[f] = sizes[f]
         self._index()
 
