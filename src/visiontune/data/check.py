@@ -163,8 +163,21 @@ def check_dataset(
         formats={},
         image_size={},
     )
-    problems = report.problems
     split_name = {s: (s or "all") for s in layout.files}
+    _note_missing_splits(report, layout)
+    _check_structure(report, layout, split_name)
+    _check_stray_files(report, layout)
+    results = _inspect_images(layout, split_name, workers=workers, progress=progress)
+    by_digest = _check_images(report, results)
+    _check_duplicates(report, by_digest)
+    _check_imbalance(report)
+    _note_rare_formats(report, results)
+    report.problems.sort(key=lambda p: (p.kind, p.path or "", p.message))
+    return report
+
+
+def _note_missing_splits(report: CheckReport, layout: Layout) -> None:
+    """Say how training will split a dataset that lacks split folders or a valid split."""
     if layout.kind == "classes":
         report.notes.append(
             "no split folders: training splits the class folders stratified and seeded "
@@ -176,6 +189,10 @@ def check_dataset(
             "train for validation"
         )
 
+
+def _check_structure(report: CheckReport, layout: Layout, split_name: dict[str, str]) -> None:
+    """Classes and per-split counts; too few classes, empty splits, missing or empty classes."""
+    problems = report.problems
     all_classes = sorted({c for classes in layout.files.values() for c in classes})
     report.classes = all_classes
     if len(all_classes) < 2:
@@ -208,6 +225,11 @@ def check_dataset(
                         class_id=class_id,
                     )
                 )
+
+
+def _check_stray_files(report: CheckReport, layout: Layout) -> None:
+    """Files and folders the layout scan passed over: non-images, strays, unknown splits."""
+    problems = report.problems
     for rel in layout.non_images:
         problems.append(Problem("non_image_file", f"not an image file (by extension): {rel}", rel))
     for rel in layout.stray_files:
@@ -217,7 +239,11 @@ def check_dataset(
             Problem("ignored_folder", f"folder {d}/ is not a split (train, valid/val, test)", d)
         )
 
-    # Read, hash and decode every image.
+
+def _inspect_images(
+    layout: Layout, split_name: dict[str, str], *, workers: int | None, progress: bool
+) -> list[_FileResult]:
+    """Read, hash and decode every image, in batches (reads) over a thread pool (decodes)."""
     jobs = [
         (rel, split_name[split])
         for split, classes in layout.files.items()
@@ -236,7 +262,12 @@ def check_dataset(
                 pool.map(_inspect, *zip(*[(r, s, data[r]) for r, s in batch], strict=True))
             )
             advance(len(batch))
+    return results
 
+
+def _check_images(report: CheckReport, results: list[_FileResult]) -> dict[str, list[_FileResult]]:
+    """Unreadable files, extension mismatches, formats and sizes; returns images by digest."""
+    problems = report.problems
     by_digest: dict[str, list[_FileResult]] = defaultdict(list)
     formats: Counter[str] = Counter()
     widths, heights = [], []
@@ -264,7 +295,11 @@ def check_dataset(
         "height": _stats(heights),
         "shorter_side": _stats([min(w, h) for w, h in zip(widths, heights, strict=True)]),
     }
+    return by_digest
 
+
+def _check_duplicates(report: CheckReport, by_digest: dict[str, list[_FileResult]]) -> None:
+    """Identical images: a duplicate within one split, leakage across splits."""
     for digest, group in by_digest.items():
         if len(group) < 2:
             continue
@@ -272,7 +307,7 @@ def check_dataset(
         paths = sorted(r.rel for r in group)
         report.duplicates.append({"sha256": digest, "paths": paths, "splits": splits})
         if len(splits) > 1:
-            problems.append(
+            report.problems.append(
                 Problem(
                     "leakage",
                     f"the same image is in {' and '.join(splits)}: {', '.join(paths)}",
@@ -280,7 +315,7 @@ def check_dataset(
                 )
             )
         else:
-            problems.append(
+            report.problems.append(
                 Problem(
                     "duplicate",
                     f"identical images in {splits[0]}: {', '.join(paths)}",
@@ -290,6 +325,9 @@ def check_dataset(
             )
     report.duplicates.sort(key=lambda d: d["paths"])
 
+
+def _check_imbalance(report: CheckReport) -> None:
+    """Each split's largest/smallest class ratio; a problem above IMBALANCE_WARNING_RATIO."""
     for name, counts in report.counts.items():
         present = [n for n in counts.values() if n > 0]
         ratio = round(max(present) / min(present), 2) if present else None
@@ -297,7 +335,7 @@ def check_dataset(
         if ratio is not None and ratio > IMBALANCE_WARNING_RATIO:
             biggest = max(counts, key=counts.get)
             smallest = min((c for c in counts if counts[c]), key=counts.get)
-            problems.append(
+            report.problems.append(
                 Problem(
                     "imbalance",
                     f"split {name} is imbalanced {ratio}:1 ({biggest} "
@@ -306,8 +344,14 @@ def check_dataset(
                 )
             )
 
-    # A rare format in a dataset is often a placeholder (a "not found" GIF) rather than data:
-    # readable, so not a problem, but worth a look.
+
+def _note_rare_formats(report: CheckReport, results: list[_FileResult]) -> None:
+    """Note image formats rare enough in the dataset to be strays.
+
+    A rare format in a dataset is often a placeholder (a "not found" GIF) rather than data:
+    readable, so not a problem, but worth a look.
+    """
+    formats = Counter(r.image_format for r in results if not r.error)
     total = sum(formats.values())
     for fmt, n in formats.items():
         if total and n / total < RARE_FORMAT_FRACTION and len(formats) > 1:
@@ -316,8 +360,6 @@ def check_dataset(
                 f"{n} {fmt} file(s) among {total} images, worth a look (placeholder?): "
                 + ", ".join(examples)
             )
-    problems.sort(key=lambda p: (p.kind, p.path or "", p.message))
-    return report
 
 
 def _progress_bar(total: int, enabled: bool):
