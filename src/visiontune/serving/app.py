@@ -535,6 +535,27 @@ def create_app(config: ServeConfig) -> FastAPI:
         The FastAPI app; ``app.state.serving`` is its :class:`ServingState`.
     """
     state = ServingState(config)
+    app = FastAPI(
+        title="visiontune endpoint",
+        description="SageMaker's inference container contract for a visiontune image classifier.",
+        lifespan=_lifespan(state),
+        # FastAPI's own pages load Swagger UI / ReDoc from a CDN: blank on an offline host.
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.serving = state
+    _add_offline_docs(app)
+    _add_error_handlers(app)
+    _add_ping(app, state)
+    _add_invocations(app, state)
+    _add_batch_transform_and_metrics(app, state)
+    state.known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]
+    app.add_middleware(AccessLogMiddleware, state=state)
+    return app
+
+
+def _lifespan(state: ServingState):
+    """The app's lifespan: load the model in the background at startup, stop cleanly."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -543,16 +564,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         # uvicorn calls this after in-flight requests finished (graceful shutdown).
         await state.stop()
 
-    app = FastAPI(
-        title="visiontune endpoint",
-        description="SageMaker's inference container contract for a visiontune image classifier.",
-        lifespan=lifespan,
-        # FastAPI's own pages load Swagger UI / ReDoc from a CDN: blank on an offline host.
-        docs_url=None,
-        redoc_url=None,
-    )
-    app.state.serving = state
-    _add_offline_docs(app)
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, answered as one JSON shape."""
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
@@ -573,6 +589,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, f"invalid request: {exc.errors()}", request)
 
+
+def _add_ping(app: FastAPI, state: ServingState) -> None:
+    """``GET /ping``: 200 once the model is loaded and warm, 503 with the reason before."""
+
     @app.get("/ping", summary="Readiness: 200 (empty) once the model is loaded and warm")
     async def ping(request: Request) -> Response:
         if not state.ready:
@@ -584,7 +604,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             return _error(503, detail, request)
         return Response(status_code=200)
 
-    invocation_body = {
+
+def _invocation_openapi() -> dict[str, Any]:
+    """The OpenAPI description of an invocation: bodies, ``top_k`` and the error codes."""
+    return {
         "requestBody": {
             "required": True,
             "content": {
@@ -631,6 +654,12 @@ def create_app(config: ServeConfig) -> FastAPI:
         },
     }
 
+
+def _add_invocations(app: FastAPI, state: ServingState) -> None:
+    """``POST /invocations`` and its SageMaker Runtime API twin, with the request timeout."""
+    config = state.config
+    invocation_body = _invocation_openapi()
+
     @app.post("/invocations", summary="Predict", openapi_extra=invocation_body)
     async def invocations(request: Request) -> Response:
         try:
@@ -661,6 +690,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             response.headers["X-Amzn-SageMaker-Custom-Attributes"] = custom
         return response
 
+
+def _add_batch_transform_and_metrics(app: FastAPI, state: ServingState) -> None:
+    """``GET /execution-parameters`` (batch transform) and ``GET /metrics`` (Prometheus)."""
+    config = state.config
+
     @app.get("/execution-parameters", summary="What SageMaker batch transform should send")
     async def execution_parameters() -> dict[str, Any]:
         return {
@@ -674,10 +708,6 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def metrics() -> Response:
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
-
-    state.known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]
-    app.add_middleware(AccessLogMiddleware, state=state)
-    return app
 
 
 def _add_offline_docs(app: FastAPI) -> None:
