@@ -177,17 +177,10 @@ def transform(
         UserError: a missing input, not a model directory, an output that is a file or holds
             another model's predictions, or storage errors.
     """
-    import hashlib
-
-    import torch
-
-    from visiontune.data.images import ImageDecodeError, load_image
-    from visiontune.data.transforms import decode_size_hint, eval_transform
     from visiontune.device import available_cores
-    from visiontune.inference import topk
     from visiontune.models.artifact import fetch_model_dir, model_fingerprint
     from visiontune.serving.runtimes import load_runtime
-    from visiontune.uri import is_remote, join, open_fs, storage_errors, visiontune_home
+    from visiontune.uri import join
 
     if batch_size < 1 or top_k < 1:
         raise UserError("--batch-size and --top-k must be at least 1")
@@ -200,9 +193,53 @@ def transform(
         "fingerprint": model_fingerprint(local_model),
     }
     fs, root, files = _list_images(input_uri, endpoint_url)
+    output = _Output.open(output_uri, endpoint_url, overwrite=overwrite)
+    done = _done_images(output.local, identity, join(output_uri, OUTPUT_FILE))
+    todo = _pending_images(files, root, input_uri, done)
+    decode = _image_decoder(fs, info.preprocess)
 
-    remote_output = is_remote(output_uri)
-    if remote_output:
+    predicted = errors = 0
+    chunks = list(_chunks(todo, batch_size))
+    with (
+        ThreadPoolExecutor(available_cores()) as pool,
+        open(output.local, "a") as out,
+        _progress_bar(len(todo), enabled=progress) as advance,
+    ):
+        for chunk, decoded in _decode_ahead(pool, decode, chunks):
+            lines = _prediction_lines(model, chunk, decoded, top_k, identity)
+            failed = sum("error" in line for line in lines)
+            errors += failed
+            predicted += len(lines) - failed
+            _append_durably(out, lines)
+            output.upload()
+            advance(len(chunk))
+    return TransformResult(
+        output=join(output_uri, OUTPUT_FILE), predicted=predicted, errors=errors, skipped=len(done)
+    )
+
+
+@dataclass
+class _Output:
+    """Where the lines go: a local file, mirrored to ``remote_file`` on ``fs`` for S3."""
+
+    local: Path
+    fs: Any = None
+    remote_file: str | None = None
+    output_uri: str = ""
+    endpoint_url: str | None = None
+
+    @classmethod
+    def open(cls, output_uri: str, endpoint_url: str | None, *, overwrite: bool) -> _Output:
+        """The local file to append to: the output itself, or a copy of the S3 object."""
+        import hashlib
+
+        from visiontune.uri import is_remote, open_fs, storage_errors, visiontune_home
+
+        if not is_remote(output_uri):
+            local = _local_output(Path(output_uri))
+            if overwrite:
+                local.unlink(missing_ok=True)
+            return cls(local)
         # S3 objects cannot be appended to: keep a local copy, upload it after every batch.
         key = hashlib.sha1(output_uri.encode()).hexdigest()[:16]
         local = visiontune_home() / "transform" / key / OUTPUT_FILE
@@ -214,21 +251,40 @@ def transform(
                 out_fs.get(remote_file, str(local))
             else:
                 local.unlink(missing_ok=True)
-    else:
-        local = _local_output(Path(output_uri))
-        if overwrite:
-            local.unlink(missing_ok=True)
+        return cls(local, out_fs, remote_file, output_uri, endpoint_url)
 
-    done = _done_images(local, identity, join(output_uri, OUTPUT_FILE))
+    def upload(self) -> None:
+        """Copy the local file to S3 (nothing to do for a local output)."""
+        from visiontune.uri import storage_errors
+
+        if self.fs is None:
+            return
+        with storage_errors(self.output_uri, self.endpoint_url):
+            self.fs.put(str(self.local), self.remote_file)
+
+
+def _pending_images(
+    files: list[str], root: str, input_uri: str, done: set[str]
+) -> list[tuple[str, str]]:
+    """``(path, name in the output)`` of every image not in the output yet."""
+    from visiontune.uri import is_remote
+
     todo = [
         (f, os.path.relpath(f, root) if not is_remote(input_uri) else f[len(root) :].lstrip("/"))
         for f in files
     ]
-    todo = [(f, rel) for f, rel in todo if rel not in done]
-    transform_fn = eval_transform(info.preprocess)
-    decode_size = decode_size_hint(info.preprocess)
+    return [(f, rel) for f, rel in todo if rel not in done]
 
-    def decode(path: str) -> torch.Tensor | str:
+
+def _image_decoder(fs: Any, preprocess: Any) -> Callable[[str], Any]:
+    """``decode(path)``: the model's input tensor, or why the file is not a usable image."""
+    from visiontune.data.images import ImageDecodeError, load_image
+    from visiontune.data.transforms import decode_size_hint, eval_transform
+
+    transform_fn = eval_transform(preprocess)
+    decode_size = decode_size_hint(preprocess)
+
+    def decode(path: str) -> Any:
         try:
             with fs.open(path, "rb") as f:
                 data = f.read()
@@ -238,46 +294,59 @@ def transform(
         except OSError as e:
             return f"cannot read the file: {e}"
 
-    predicted = errors = 0
-    chunks = list(_chunks(todo, batch_size))
-    with (
-        ThreadPoolExecutor(available_cores()) as pool,
-        open(local, "a") as out,
-        _progress_bar(len(todo), enabled=progress) as advance,
-    ):
+    return decode
 
-        def submit(i: int):
-            return [pool.submit(decode, f) for f, _ in chunks[i]] if i < len(chunks) else []
 
-        # Decode the next batch while the model predicts this one (two batches in memory).
-        upcoming = submit(0)
-        for i, chunk in enumerate(chunks):
-            current, upcoming = upcoming, submit(i + 1)
-            names = [rel for _, rel in chunk]
-            decoded = [future.result() for future in current]
-            lines: list[dict[str, Any]] = []
-            good = [(n, x) for n, x in zip(names, decoded, strict=True) if not isinstance(x, str)]
-            answers: dict[str, Any] = {}
-            if good:
-                probs = model.predict(torch.stack([x for _, x in good]))
-                for (name, _), top in zip(
-                    good, topk(probs, info.class_ids, info.class_names, top_k), strict=True
-                ):
-                    answers[name] = top
-            for name, x in zip(names, decoded, strict=True):
-                if isinstance(x, str):
-                    lines.append({"image": name, "error": x, "model": identity})
-                    errors += 1
-                else:
-                    lines.append({"image": name, "predictions": answers[name], "model": identity})
-                    predicted += 1
-            out.write("".join(json.dumps(line) + "\n" for line in lines))
-            out.flush()
-            os.fsync(out.fileno())
-            if remote_output:
-                with storage_errors(output_uri, endpoint_url):
-                    out_fs.put(str(local), remote_file)
-            advance(len(chunk))
-    return TransformResult(
-        output=join(output_uri, OUTPUT_FILE), predicted=predicted, errors=errors, skipped=len(done)
-    )
+def _decode_ahead(
+    pool: ThreadPoolExecutor, decode: Callable[[str], Any], chunks: list[list[tuple[str, str]]]
+) -> Iterator[tuple[list[tuple[str, str]], list[Any]]]:
+    """Each chunk with its decoded images; the next chunk decodes while this one is predicted.
+
+    So two batches are in memory at most.
+    """
+
+    def submit(i: int):
+        return [pool.submit(decode, f) for f, _ in chunks[i]] if i < len(chunks) else []
+
+    upcoming = submit(0)
+    for i, chunk in enumerate(chunks):
+        current, upcoming = upcoming, submit(i + 1)
+        yield chunk, [future.result() for future in current]
+
+
+def _prediction_lines(
+    model: Any,
+    chunk: list[tuple[str, str]],
+    decoded: list[Any],
+    top_k: int,
+    identity: dict[str, str],
+) -> list[dict[str, Any]]:
+    """One output line per image of ``chunk``: its top-k predictions, or its decode error."""
+    import torch
+
+    from visiontune.inference import topk
+
+    info = model.info
+    names = [rel for _, rel in chunk]
+    lines: list[dict[str, Any]] = []
+    good = [(n, x) for n, x in zip(names, decoded, strict=True) if not isinstance(x, str)]
+    answers: dict[str, Any] = {}
+    if good:
+        probs = model.predict(torch.stack([x for _, x in good]))
+        for (name, _), top in zip(
+            good, topk(probs, info.class_ids, info.class_names, top_k), strict=True
+        ):
+            answers[name] = top
+    for name, x in zip(names, decoded, strict=True):
+        if isinstance(x, str):
+            lines.append({"image": name, "error": x, "model": identity})
+        else:
+            lines.append({"image": name, "predictions": answers[name], "model": identity})
+    return lines
+
+
+def _append_durably(out: Any, lines: list[dict[str, Any]]) -> None:
+    """Append ``lines`` as JSON lines, flushed and fsynced: a kill loses nothing written."""
+    out.write("".join(json.dumps(line) + "\n" for line in lines))
+    out.flush()
+    os.fsync(out.fileno())
