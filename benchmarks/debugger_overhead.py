@@ -15,12 +15,12 @@ Run: .venv/bin/python benchmarks/debugger_overhead.py [--model resnet18] [--step
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _timing import cpu_name, side_by_side
 from torch import nn
 
 from visiontune.callbacks import CallbackList, TrainState
@@ -28,16 +28,6 @@ from visiontune.config import TrainConfig
 from visiontune.debug.callback import Debugger
 from visiontune.debug.config import DebuggerConfig
 from visiontune.models.registry import build_model
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(model_name: str, size: int, batch: int, steps: int, debugger: Debugger | None,
@@ -111,14 +101,22 @@ def main() -> int:
             DebuggerConfig(collections=["weights", "biases", "gradients"], save_interval=10)
         ),
     }
-    times: dict[str, list[float]] = {k: [] for k in configs}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for i, (name, make) in enumerate(configs.items()):
-                work = Path(tmp) / f"{r}-{i}"
-                times[name].append(
-                    run(args.model, args.size, args.batch, args.steps, make(), device, work)
-                )
+
+        def variant(i: int, make):
+            return lambda r: run(
+                args.model,
+                args.size,
+                args.batch,
+                args.steps,
+                make(),
+                device,
+                Path(tmp) / f"{r}-{i}",
+            )
+
+        times = side_by_side(
+            {name: variant(i, make) for i, (name, make) in enumerate(configs.items())}, args.rounds
+        )
     base = min(times["no debugger"])
     for name, ts in times.items():
         best = min(ts)

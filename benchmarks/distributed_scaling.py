@@ -18,24 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from _timing import machine, side_by_side
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run(data: Path, out: Path, nproc: int, threads: int, args) -> float:
@@ -72,7 +63,7 @@ def main() -> int:
             tmp_path / "data", classes=("a", "b", "c", "d"), size=128,
             per_class={"train": args.images_per_class, "valid": 8, "test": 8},
         )  # fmt: skip
-        print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
+        print(machine())
         print(f"{args.model}, all layers trainable, {4 * args.images_per_class} training images "
               f"of 128 px, global batch {args.batch_size}, {args.epochs} epochs\n")  # fmt: skip
         cores = os.cpu_count() or 1
@@ -80,11 +71,11 @@ def main() -> int:
         # One process with every core, one with an N-th of them, N processes with an N-th each:
         # the fair baseline is the faster single process.
         variants = [(1, cores), (1, share), (args.nproc, share)]
-        ips: dict[tuple[int, int], list[float]] = {v: [] for v in variants}
-        for r in range(args.rounds):
-            for nproc, threads in variants:
-                out = tmp_path / f"run{r}-{nproc}x{threads}"
-                ips[(nproc, threads)].append(run(data, out, nproc, threads, args))
+
+        def measure(nproc: int, threads: int):
+            return lambda r: run(data, tmp_path / f"run{r}-{nproc}x{threads}", nproc, threads, args)
+
+        ips = side_by_side({v: measure(*v) for v in variants}, args.rounds)
         print(f"{'processes':>10} {'threads each':>13} {'images/s':>10}")
         for (nproc, threads), values in ips.items():
             print(f"{nproc:>10} {threads:>13} {max(values):>10.1f}")

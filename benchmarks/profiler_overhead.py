@@ -18,15 +18,15 @@ Run: .venv/bin/python benchmarks/profiler_overhead.py [--rounds 3] [--steps 2000
 from __future__ import annotations
 
 import argparse
-import platform
+import functools
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
+from _timing import machine, side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # write_dataset
@@ -34,16 +34,6 @@ sys.path.insert(0, str(ROOT / "tests" / "report"))  # synthetic_long_run
 
 from visiontune.callbacks import Callback, CallbackList, TrainState  # noqa: E402
 from visiontune.config import TrainConfig, build_config  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def hook_cost(tmp: Path, steps: int, rounds: int) -> None:
@@ -84,12 +74,15 @@ def hook_cost(tmp: Path, steps: int, rounds: int) -> None:
     # Pure hook cost: the events alone, no model work around them.
     hooks = min(run(prof_cbs, state, steps, work=False) for _ in range(rounds))
     # The same tiny step with and without, in short interleaved blocks (load drifts alike).
-    plain, profiled = [], []
-    for _ in range(20 * rounds):
-        plain.append(run(plain_cbs, state, steps // 50))
-        profiled.append(run(prof_cbs, state, steps // 50))
+    blocks = side_by_side(
+        {
+            "plain": lambda r: run(plain_cbs, state, steps // 50),
+            "profiled": lambda r: run(prof_cbs, state, steps // 50),
+        },
+        20 * rounds,
+    )
     prof_cbs.fire("on_train_end", state, None)
-    p, q = statistics.median(plain), statistics.median(profiled)
+    p, q = statistics.median(blocks["plain"]), statistics.median(blocks["profiled"])
     print(
         f"1. hooks: the profiler's 5 step events cost {hooks * 1e6:.1f} us per step (best of {rounds})"
     )
@@ -117,20 +110,21 @@ def whole_runs(tmp: Path, rounds: int) -> None:
         "data": str(data),
         "workers": 0,
     }
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for r in range(rounds):
-        for enabled in (False, True):  # interleaved: machine load drifts over both alike
-            out = tmp / f"run-{r}-{enabled}"
-            cfg = build_config(
-                TrainConfig, None, {**base, "output": str(out), "profiler": {"enabled": enabled}}
-            )
-            train(cfg)
-            epochs = [
-                m["epoch_time"]
-                for m in read_jsonl(out / "metrics.jsonl")
-                if m.get("split") == "train"
-            ][1:]
-            times[enabled].append(statistics.median(epochs))
+
+    def median_epoch(enabled: bool, r: int) -> float:
+        out = tmp / f"run-{r}-{enabled}"
+        cfg = build_config(
+            TrainConfig, None, {**base, "output": str(out), "profiler": {"enabled": enabled}}
+        )
+        train(cfg)
+        epochs = [
+            m["epoch_time"] for m in read_jsonl(out / "metrics.jsonl") if m.get("split") == "train"
+        ][1:]
+        return statistics.median(epochs)
+
+    times = side_by_side(
+        {enabled: functools.partial(median_epoch, enabled) for enabled in (False, True)}, rounds
+    )
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"2. whole runs (tiny_cnn, 192 images, batch 16, 0 workers), {rounds} rounds:")
     print(f"   median epoch without profiler {off:.3f} s, with {on:.3f} s -> ratio {on / off:.3f}")
@@ -156,7 +150,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--skip-runs", action="store_true", help="skip the whole-run comparison")
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}, {psutil.cpu_count()} logical cores; torch {torch.__version__}\n")
+    print(f"{machine()}; torch {torch.__version__}\n")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         hook_cost(tmp, args.steps, args.rounds)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _timing import machine, side_by_side, wall_time
 
 SCRIPT = """\
 import argparse, os, time
@@ -35,16 +35,6 @@ for epoch in range(a.epochs):
     print(f"epoch {epoch}: loss={a.lr / (epoch + 1):.4f}")
 open(os.path.join(os.environ["SM_MODEL_DIR"], "model.pth"), "wb").write(b"x" * 1000)
 """
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -117,19 +107,11 @@ def main() -> int:
         study.tell(t, value)
 
     variants = {"by hand": by_hand, "visiontune run": cli, "run_job": job, "tuning trial": trial}
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for fn in variants.values():
-        fn()  # warm-up: page cache, imports
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    # Warm-up first: page cache, imports.
+    timed = {name: wall_time(fn) for name, fn in variants.items()}
+    times = side_by_side(timed, args.rounds, warmup=True)
 
-    print(
-        f"script overhead: {args.rounds} rounds, {args.epochs} x 0.2 s epochs; "
-        f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    )
+    print(f"script overhead: {args.rounds} rounds, {args.epochs} x 0.2 s epochs; {machine()}")
     hand = statistics.median(times["by hand"])
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -18,7 +18,6 @@ Run: .venv/bin/python benchmarks/tracking_overhead.py [--rounds 5] [--steps 60]
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from _timing import machine, side_by_side
 
 from visiontune.callbacks import Callback
 from visiontune.config import TrainConfig, build_config
@@ -41,16 +42,6 @@ class StepClock(Callback):
     def median_step(self) -> float:
         gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
         return statistics.median(gaps)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def step_time(data: Path, out: Path, steps: int, tracking: dict | None) -> float:
@@ -81,7 +72,7 @@ def main() -> int:
     except ImportError:
         print("skip: mlflow is not installed (pip install 'visiontune[mlflow]')")
         return 0
-    print(f"CPU: {cpu_name()} ({platform.machine()})")
+    print(machine())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         per_class = {"train": args.steps * 4, "valid": 4, "test": 4}
@@ -90,10 +81,15 @@ def main() -> int:
         tracking = {"uri": uri, "experiment": "overhead", "log_every_steps": args.log_every}
         print(f"{args.steps} steps per run, loss logged every {args.log_every} step(s) to {uri}")
         step_time(data, root / "warmup", args.steps, tracking)  # imports, DB schema
+        times = side_by_side(
+            {
+                "off": lambda r: step_time(data, root / f"off{r}", args.steps, None),
+                "on": lambda r: step_time(data, root / f"on{r}", args.steps, tracking),
+            },
+            args.rounds,
+        )
         ratios = []
-        for r in range(args.rounds):
-            off = step_time(data, root / f"off{r}", args.steps, None)
-            on = step_time(data, root / f"on{r}", args.steps, tracking)
+        for r, (off, on) in enumerate(zip(times["off"], times["on"], strict=True)):
             ratios.append(on / off)
             print(
                 f"round {r + 1}: step {off * 1e3:.2f} ms without, {on * 1e3:.2f} ms with "
