@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import HYMENOPTERA, make_image, write_dataset  # noqa: F401  (re-exported)
+from helpers import (  # noqa: F401  (re-exported)
+    HYMENOPTERA,
+    S3Server,
+    make_image,
+    moto_server,
+    write_dataset,
+)
 
 # Keep tests to the two cores of the CI machine, and deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -50,3 +57,29 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Keep caches (features, S3 objects, downloads) out of the user's home."""
     home = tmp_path_factory.getbasetemp() / "visiontune-home"
     monkeypatch.setenv("VISIONTUNE_HOME", str(home))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server with IAM auth on (helpers.moto_server), one per test process."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("boto3")
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """The server's credentials in this test's environment only (and fresh s3fs clients)."""
+    import boto3
+    import s3fs
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    # fsspec caches filesystems by their arguments, not by the environment they read; boto3's
+    # default session keeps the credentials it resolved first (another test's server).
+    s3fs.S3FileSystem.clear_instance_cache()
+    boto3.DEFAULT_SESSION = None
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
+    boto3.DEFAULT_SESSION = None

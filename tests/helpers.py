@@ -7,6 +7,16 @@ Import as ``from helpers import write_dataset`` (``tests/`` is on pytest's pytho
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +101,90 @@ class EventLog:
                 self._write("train_end")
 
         return _Log()
+
+
+# ------------------------------------------------------------------------- loopback servers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """Where a loopback S3 server listens and the access key it accepts."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """The AWS environment a user would set for this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            **overrides,
+        }
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[S3Server]:
+    """``python -m moto.server`` on a free port, as its own process, with IAM auth on.
+
+    moto accepts any credentials unless IAM auth is on; ``INITIAL_NO_AUTH_ACTION_COUNT=3`` lets
+    exactly the three IAM calls below through unauthenticated (create a user, give it S3 rights,
+    make its access key), after which every request must be signed with that key, so wrong
+    credentials are really rejected. Use it through the ``s3_server`` fixture (tests/conftest.py).
+    """
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+        iam = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+        )
+        iam.create_user(UserName="visiontune-test")
+        iam.put_user_policy(
+            UserName="visiontune-test",
+            PolicyName="s3-all",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+                }
+            ),
+        )
+        key = iam.create_access_key(UserName="visiontune-test")["AccessKey"]
+        yield S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from integration.conftest import s3_env, s3_server  # noqa: F401  (fixtures)
 from loop_harness import cfg_for, run_train
 
 from visiontune.debug import Trial, modes
 
 
 @pytest.mark.integration
-def test_trial_reads_a_run_on_s3(image_dataset, s3_env, cli):  # noqa: F811
+def test_trial_reads_a_run_on_s3(image_dataset, s3_env, cli):
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env.endpoint_url})

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,54 +13,15 @@ from test_report import SECTIONS, synthetic_long_run
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def s3_endpoint():
-    """``python -m moto.server`` on a free loopback port for this test."""
-    pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def test_report_of_a_run_on_s3_is_written_locally(tmp_path, s3_endpoint):
+def test_report_of_a_run_on_s3_is_written_locally(tmp_path, s3_env):
     import boto3
 
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = {**os.environ, **s3_env.env()}
+    s3_endpoint = s3_env.endpoint_url
     run = synthetic_long_run(tmp_path / "exp1", steps=200, samples=400)
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.pt").write_bytes(b"\0" * 1024)
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    )
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name=s3_env.region)
     s3.create_bucket(Bucket="runs")
     for p in run.rglob("*"):
         if p.is_file():

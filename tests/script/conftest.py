@@ -1,6 +1,5 @@
-"""Fixtures for script-mode tests: the example scripts, a channel folder, the real CLI, and the
-loopback S3 server of tests/integration (imported, since sibling conftest files shadow each
-other)."""
+"""Fixtures for script-mode tests: the example scripts, a channel folder and the real CLI (the
+loopback S3 server, ``s3_env``, comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from integration.conftest import s3_env, s3_server  # noqa: F401  (fixtures reused as they are)
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 

@@ -12,18 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "script_mode"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_script_tune_train_best_serve_predict(vt, hymenoptera, tmp_path):
@@ -53,7 +46,7 @@ def test_script_tune_train_best_serve_predict(vt, hymenoptera, tmp_path):
     assert serve_line.endswith(f"--handler {os.path.relpath(EXAMPLE / 'inference.py')}")
     assert (best_run / "model" / "model.pth").is_file()
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,

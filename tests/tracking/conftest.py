@@ -1,5 +1,5 @@
-"""Three tiny training runs shared by the tracking tests, and the S3 server of the
-integration tests (imported, since sibling conftest files do not see each other)."""
+"""Three tiny training runs shared by the tracking tests, and an MLflow server (the loopback S3
+server, ``s3_env``, comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from helpers import write_dataset
-from integration.conftest import s3_env, s3_server  # noqa: F401  (fixtures re-exported)
 
 from visiontune.callbacks import Callback
 
@@ -69,7 +68,7 @@ class MlflowServer:
         import subprocess
         import sys
 
-        from integration.conftest import free_port
+        from helpers import free_port
 
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()

@@ -88,7 +88,7 @@ def test_logged_and_registered_model_predict_the_run_models_top1(tracked_run, ml
 
 
 def test_unreachable_server_fails_before_training_in_one_line(image_dataset, tmp_path, cli):
-    from integration.conftest import free_port
+    from helpers import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     args = ["train", "--data", image_dataset, "--model", "tiny_cnn", "--weights", "none",
