@@ -197,6 +197,7 @@ def transform(
     done = _done_images(output.local, identity, join(output_uri, OUTPUT_FILE))
     todo = _pending_images(files, root, input_uri, done)
     decode = _image_decoder(fs, info.preprocess)
+    fields = {"model": identity}  # what every line records besides the image and its answer
 
     predicted = errors = 0
     chunks = list(_chunks(todo, batch_size))
@@ -206,7 +207,7 @@ def transform(
         _progress_bar(len(todo), enabled=progress) as advance,
     ):
         for chunk, decoded in _decode_ahead(pool, decode, chunks):
-            lines = _prediction_lines(model, chunk, decoded, top_k, identity)
+            lines = _prediction_lines(model.predict, info, chunk, decoded, top_k, fields)
             failed = sum("error" in line for line in lines)
             errors += failed
             predicted += len(lines) - failed
@@ -315,33 +316,42 @@ def _decode_ahead(
 
 
 def _prediction_lines(
-    model: Any,
+    predict: Callable[[Any], Any],
+    info: Any,
     chunk: list[tuple[str, str]],
     decoded: list[Any],
     top_k: int,
-    identity: dict[str, str],
+    fields: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """One output line per image of ``chunk``: its top-k predictions, or its decode error."""
+    """One output line per image of ``chunk``: its top-k predictions, or its decode error.
+
+    Args:
+        predict: a batch of model inputs -> class probabilities (a runtime's ``predict``).
+        info: the model's class ids and names.
+        chunk: ``(path, name in the output)`` of each image.
+        decoded: each image's model input, or why it could not be decoded.
+        top_k: classes per image.
+        fields: added to every line after the image and its answer (``model``).
+    """
     import torch
 
     from visiontune.inference import topk
 
-    info = model.info
     names = [rel for _, rel in chunk]
     lines: list[dict[str, Any]] = []
     good = [(n, x) for n, x in zip(names, decoded, strict=True) if not isinstance(x, str)]
     answers: dict[str, Any] = {}
     if good:
-        probs = model.predict(torch.stack([x for _, x in good]))
+        probs = predict(torch.stack([x for _, x in good]))
         for (name, _), top in zip(
             good, topk(probs, info.class_ids, info.class_names, top_k), strict=True
         ):
             answers[name] = top
     for name, x in zip(names, decoded, strict=True):
         if isinstance(x, str):
-            lines.append({"image": name, "error": x, "model": identity})
+            lines.append({"image": name, "error": x, **fields})
         else:
-            lines.append({"image": name, "predictions": answers[name], "model": identity})
+            lines.append({"image": name, "predictions": answers[name], **fields})
     return lines
 
 
