@@ -25,6 +25,18 @@ from PIL import Image
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HYMENOPTERA = SHARED / "data" / "hymenoptera"
 
+# The training settings of most tests: a tiny CNN from scratch, no loader workers, small batches
+# (a run of a few steps takes a second or two). Tests add data, output, epochs and their own keys.
+TINY_TRAIN = {
+    "model": "tiny_cnn",
+    "weights": "none",
+    "trainable": "all",
+    "batch_size": 8,
+    "lr": 0.01,
+    "workers": 0,
+    "progress": False,
+}
+
 
 _PALETTE = [
     (220, 40, 40),
@@ -188,3 +200,19 @@ def moto_server() -> Iterator[S3Server]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def wait_for(condition, what: str = "the condition", timeout: float = 60.0, interval: float = 0.05):
+    """Poll ``condition()`` until it returns something truthy, and return that.
+
+    Raises:
+        AssertionError: ``timeout`` seconds went by first (the message names ``what``).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

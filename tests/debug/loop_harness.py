@@ -10,21 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from helpers import TINY_TRAIN as FAST
 from torch import nn
 
 from visiontune.callbacks import Callback, TrainState
 from visiontune.config import TrainConfig, build_config
 from visiontune.evaluate import classification_metrics
-
-FAST = {
-    "model": "tiny_cnn",
-    "weights": "none",
-    "trainable": "all",
-    "batch_size": 8,
-    "lr": 0.01,
-    "workers": 0,
-    "progress": False,
-}
 
 
 def cfg_for(data: Path, out: Path, **kw: Any) -> TrainConfig:

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
-import pytest
+from helpers import wait_for
 
 from visiontune.profile.sampler import SystemSampler
 from visiontune.profile.store import SeriesWriter, read_series
-
-
-def wait_for(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_samples_reach_disk_while_running_and_children_are_counted(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from chromium import PLOTS_READY, PLOTS_SCRIPT, find_chromium, visit
-from helpers import write_dataset
+from helpers import TINY_TRAIN, write_dataset
 
 from visiontune.config import TrainConfig, build_config
 from visiontune.device import available_cores
@@ -34,15 +34,7 @@ SECTIONS = [
     "misclassified",
 ]
 # The seed's configuration: no loader workers, small batches.
-SEED_LIKE = {
-    "model": "tiny_cnn",
-    "weights": "none",
-    "trainable": "all",
-    "batch_size": 8,
-    "lr": 0.01,
-    "workers": 0,
-    "progress": False,
-}
+SEED_LIKE = TINY_TRAIN
 
 needs_chromium = pytest.mark.skipif(
     find_chromium() is None,

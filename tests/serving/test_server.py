@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from helpers import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -205,16 +206,6 @@ def test_serve_a_folder_that_is_not_a_model_fails_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def wait_for(condition, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
 def test_a_client_hanging_up_mid_body_is_499_not_a_server_error(server, image_bytes):
     head = (
         "POST /invocations HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/jpeg\r\n"
@@ -229,7 +220,7 @@ def test_a_client_hanging_up_mid_body_is_499_not_a_server_error(server, image_by
                 return json.loads(line)
         return None
 
-    assert wait_for(logged)["status"] == 499
+    assert wait_for(logged, "the access log line of the hung-up request")["status"] == 499
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'visiontune_requests_total{path="/invocations",status="499"}' in metrics
     assert 'path="/invocations",status="500"' not in metrics

@@ -8,24 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import MlflowServer, tiny_config
+from helpers import wait_for
 
 pytest.importorskip("mlflow")
-
-
-def _wait_for(condition, what: str, deadline_s: float = 120):
-    deadline = time.monotonic() + deadline_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_params_metrics_tags_artifacts_and_model(tracked_run, mlflow_server):
@@ -155,14 +144,15 @@ def test_resume_after_sigkill_continues_the_same_mlflow_run(image_dataset, tmp_p
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        _wait_for(lambda: marker.exists() or proc.poll() is not None, "the run to reach step 3")
+        wait_for(lambda: marker.exists() or proc.poll() is not None, "the run to reach step 3", 120)
         assert proc.poll() is None, proc.stderr.read().decode()
         run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
         client = mlflow_server.client()
         # Step 3's loss reached MLflow before the kill, so the resumed run must not repeat it.
-        _wait_for(
+        wait_for(
             lambda: 3 in {m.step for m in client.get_metric_history(run_id, "train_loss_step")},
             "step 3 in MLflow",
+            120,
         )
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -199,7 +189,7 @@ def test_registry_uris_serve_the_runs_model_on_the_sagemaker_contract(tracked_ru
         assert meta["version"] == json.loads((run_dir / "model/model.json").read_text())["version"]
     app = create_app(ServeConfig(model_dir, device="cpu").check())
     with TestClient(app, raise_server_exceptions=False) as http:
-        _wait_for(lambda: http.get("/ping").status_code == 200, "/ping", 60)
+        wait_for(lambda: http.get("/ping").status_code == 200, "/ping", 60)
         labels = [
             http.post(
                 "/invocations", content=p.read_bytes(), headers={"Content-Type": "image/jpeg"}

@@ -12,22 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_TRAIN as FAST  # other test modules import FAST from here
 from helpers import write_dataset
 
 from visiontune.callbacks import Callback
 from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError
 from visiontune.train import train
-
-FAST = {
-    "model": "tiny_cnn",
-    "weights": "none",
-    "trainable": "all",
-    "batch_size": 8,
-    "lr": 0.01,
-    "workers": 0,
-    "progress": False,
-}
 
 
 def cfg_for(data: Path, out: Path, **kw) -> TrainConfig:
