@@ -43,7 +43,7 @@ from visiontune.tuning.storage import (
     study_config,
 )
 from visiontune.tuning.trials import best_summary, best_trial, counted_trials, trial_counts
-from visiontune.tuning.workers import run_worker, spawn_workers
+from visiontune.tuning.workers import run_worker, spawn_workers, wait_workers
 
 # Written into the final run (STUDY_DIR/best) to say which trial it was trained from.
 TRAINED_FROM = "trained_from.json"
@@ -317,17 +317,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
             heartbeat=settings.heartbeat,
             timeout=left,
         )
-        codes = []
-        try:
-            codes = [p.wait() for p in procs]
-        except KeyboardInterrupt:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait()
-            raise
-        if all(c != 0 for c in codes):
-            raise UserError(f"all {len(procs)} workers failed (exit codes {codes}); see above")
+        wait_workers(procs)
     study, result = study_result(settings, storage_url, study_dir)
     if fixed.tracking is not None:  # the study's parent run in MLflow: states, best, report
         from visiontune.tracking.tuning import log_study

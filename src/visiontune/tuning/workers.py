@@ -250,3 +250,27 @@ def spawn_workers(
         )
         for i in range(n)
     ]
+
+
+def wait_workers(procs: list[subprocess.Popen]) -> list[int]:
+    """Wait for local worker processes; on Ctrl-C stop them all before re-raising.
+
+    Returns:
+        Their exit codes, in order.
+
+    Raises:
+        UserError: every worker failed (their own output said why).
+    """
+    from visiontune.errors import UserError
+
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    if procs and all(c != 0 for c in codes):
+        raise UserError(f"all {len(procs)} workers failed (exit codes {codes}); see above")
+    return codes
