@@ -146,3 +146,28 @@ def test_a_pruned_distributed_trial_stops_after_the_pruned_epoch(dataset, tmp_pa
     assert reporter.pruned_at == 2 and result.stop_reason == "pruned"
     assert result.model_dir is not None and (result.model_dir / "model.json").is_file()
     assert [m["epoch"] for m in result.history] == [1, 2]
+
+
+def test_more_trial_processes_than_cores_or_a_batch_that_does_not_split_is_one_line(
+    dataset, tmp_path, cli, monkeypatch
+):
+    from visiontune.device import available_cores
+
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: categorical, values: [0.05, 0.01]}\n")
+    base = ["tune", "--data", dataset, "--space", space, "--model", "tiny_cnn", "--weights",
+            "none", "--device", "cpu"]  # fmt: skip
+    too_many = available_cores() + 1  # one worker is enough to ask for too many
+    code, _, err = cli(*base, "--batch-size", "8", "--trial-nproc", too_many, "--parallel", "1")
+    assert code == 2
+    assert err.strip().startswith(f"error: --parallel 1 x --trial-nproc {too_many} = ")
+    assert f"this machine has {available_cores()} CPU core(s)" in err and "\n" not in err.strip()
+    code, _, err = cli(*base, "--batch-size", "7", "--trial-nproc", "2", "--parallel", "1")
+    if available_cores() >= 2:
+        assert code == 2
+        assert err.strip() == (
+            "error: --batch-size 7 is the global batch and does not split evenly over 2 "
+            "processes; give a multiple of 2"
+        )
+    assert not (tmp_path / "studies").exists()  # refused before the study was created
