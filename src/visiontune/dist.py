@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -454,17 +455,20 @@ def report_failure(e: BaseException, group_rank: int | None = None) -> NoReturn:
 
 def root_cause(failures: dict[int, Any]) -> str:
     """The one line to show for a failed job, from torchrun's per-rank failures: a rank's own
-    error first, then a rank killed by a signal, then any other exit; ranks that only saw
-    another rank fail come last."""
+    error first, then a rank killed by a signal (SIGTERM last: torchrun itself sends it to the
+    ranks still running once one has died), then any other exit; ranks that only saw another
+    rank fail come last."""
 
     def rank_of(item) -> tuple[int, float, int]:
         rank, f = item
         data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
         info = data.get("visiontune")
         if info is not None:
-            kind = 3 if info.get("peer") else 0
+            kind = 4 if info.get("peer") else 0
             return kind, float(info.get("time", f.timestamp)), rank
-        return (1 if f.exitcode < 0 else 2), float(f.timestamp), rank
+        if f.exitcode < 0:
+            return (2 if -f.exitcode == signal.SIGTERM else 1), float(f.timestamp), rank
+        return 3, float(f.timestamp), rank
 
     rank, f = min(failures.items(), key=rank_of)
     data = f.error_file_data if isinstance(f.error_file_data, dict) else {}

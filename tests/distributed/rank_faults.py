@@ -26,3 +26,11 @@ def KillRank1(cfg):
                     os.kill(sibling.pid, signal.SIGKILL)
 
     return _Kill()
+
+
+def KillRank1InFirstTrial(cfg):
+    """``KillRank1``, in trial 0 of a tuning study only (its run directory is ``trials/0000``):
+    a study whose first distributed trial loses a rank."""
+    from pathlib import Path
+
+    return KillRank1(cfg) if Path(cfg.output).name == "0000" else None

@@ -59,4 +59,6 @@ def test_launcher_reports_the_rank_at_fault_not_those_that_saw_it_fail():
                   error_file_data={"visiontune": {"peer": False, "time": 2.0}})  # fmt: skip
     assert root_cause({0: peer, 1: own}) == own.message
     assert root_cause({0: peer, 1: Failure(-9)}) == "rank 1 was killed by SIGKILL"
+    # torchrun SIGTERMs the ranks still running after one died: the dead rank is the cause.
+    assert root_cause({0: Failure(-15), 1: Failure(-9)}) == "rank 1 was killed by SIGKILL"
     assert root_cause({0: peer}) == peer.message

@@ -61,6 +61,12 @@ def tune(
         10, "--max-trials", help="Finished (complete + pruned) trials wanted."
     ),
     parallel: int = typer.Option(1, help="Trials at once, as separate worker processes."),
+    trial_nproc: int = typer.Option(
+        1,
+        "--trial-nproc",
+        help="Processes per trial: above 1, each trial trains data-parallel on torchrun "
+        "(--batch-size is the global batch). Combines with --parallel.",
+    ),
     strategy: str = typer.Option("bayesian", help="bayesian (TPE) | random | grid | hyperband."),
     early_stopping: str = typer.Option("off", "--early-stopping", help="off | auto (median rule)."),
     study: str = typer.Option("visiontune", "--study", help="Study name."),
@@ -130,6 +136,13 @@ def tune(
     if entry_point or job_config:
         from visiontune.cli.script import tune_script_command
 
+        if trial_nproc != 1:
+            from visiontune.errors import UserError
+
+            raise UserError(
+                "--trial-nproc runs visiontune's own training; a script trial is one job"
+            )
+
         args = {k: v for k, v in locals().items() if k != "tune_script_command"}
         tune_script_command(**args)
         return
@@ -176,6 +189,7 @@ def tune(
             direction=direction,
             max_trials=max_trials,
             parallel=parallel,
+            trial_nproc=trial_nproc,
             strategy=strategy,
             early_stopping=early_stopping,
             timeout=timeout,
@@ -245,12 +259,23 @@ def worker(
         "--worker-index",
         help="This worker's index (seeds its sampler; default: from host and process id).",
     ),
+    trial_nproc: int = typer.Option(
+        1, "--trial-nproc", help="Processes per trial (torchrun above 1)."
+    ),
 ) -> None:
     """Join a study and run trials until it has its budget (run on any number of machines)."""
     from visiontune.tuning.workers import run_worker
 
     url, sdir = _storage_for(study, storage, study_dir)
-    n = run_worker(study, url, sdir, heartbeat=heartbeat, timeout=timeout, worker=worker_index)
+    n = run_worker(
+        study,
+        url,
+        sdir,
+        heartbeat=heartbeat,
+        timeout=timeout,
+        worker=worker_index,
+        trial_nproc=trial_nproc,
+    )
     typer.echo(f"worker done: ran {n} trial(s) of study {study}")
 
 

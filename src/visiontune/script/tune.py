@@ -90,11 +90,10 @@ def tune_script(
         UserError: bad input, before any trial runs.
     """
     from visiontune.tuning.study import study_result
-    from visiontune.tuning.workers import run_worker, spawn_workers
 
     storage_url, study_dir = create_script_study(settings, job, space, objective_value)
     study_dir.mkdir(parents=True, exist_ok=True)
-    _run_workers(settings, storage_url, study_dir, run_worker, spawn_workers)
+    _run_workers(settings, storage_url, study_dir)
     study, result = study_result(settings, storage_url, study_dir)
     if settings.train_best:
         train_best_script(study, study_dir / "best", echo=echo)
@@ -176,7 +175,9 @@ def create_script_study(
     return storage_url, study_dir
 
 
-def _run_workers(settings, storage_url: str, study_dir: Path, run_worker, spawn_workers) -> None:
+def _run_workers(settings, storage_url: str, study_dir: Path) -> None:
+    from visiontune.tuning.workers import run_worker, spawn_workers, wait_workers
+
     if settings.parallel == 1:
         run_worker(
             settings.study,
@@ -195,16 +196,7 @@ def _run_workers(settings, storage_url: str, study_dir: Path, run_worker, spawn_
         heartbeat=settings.heartbeat,
         timeout=settings.timeout,
     )
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait()
-        raise
-    if all(c != 0 for c in codes):
-        raise UserError(f"all {len(procs)} workers failed (exit codes {codes}); see above")
+    wait_workers(procs)
 
 
 def train_best_script(study, output: Path, *, echo: bool = True) -> JobResult | None:

@@ -44,6 +44,11 @@ WARM_START = "warm_start"  # set on seeds copied from an earlier study; they use
 USED_FEATURE_CACHE = "used_feature_cache"
 BEST_EPOCH = "best_epoch"
 
+# What a worker adds to the study config it hands its objective (this machine's choices, not
+# stored in the study): processes per trial (--trial-nproc) and the worker's --parallel index.
+TRIAL_NPROC = "trial_nproc"
+WORKER = "worker"
+
 # Where studies live unless --study-dir says otherwise: studies/NAME, relative to the caller.
 STUDIES_ROOT = Path("studies")
 

@@ -29,7 +29,9 @@ from visiontune.tuning._base import (
     PID,
     PRUNED_AT_EPOCH,
     RUN_DIR,
+    TRIAL_NPROC,
     USED_FEATURE_CACHE,
+    WORKER,
     TrialFailed,
 )
 from visiontune.tuning.space import parse_space
@@ -78,8 +80,16 @@ class Objective:
         )
         reporter = _Reporter(trial, objective, self.prune)
         t0 = time.perf_counter()
+        nproc = int(self.cfg.get(TRIAL_NPROC) or 1)
         try:
-            result = train(cfg, [reporter])
+            if nproc > 1:  # the trial is a torchrun job of its own (tuning/distributed.py)
+                from visiontune.tuning.distributed import train_on_torchrun
+
+                result = train_on_torchrun(
+                    cfg, trial, reporter, nproc, worker=self.cfg.get(WORKER), prune=self.prune
+                )
+            else:
+                result = train(cfg, [reporter])
         except (RuntimeError, MemoryError) as e:
             if isinstance(e, MemoryError) or is_oom(str(e)):
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -43,7 +43,12 @@ from visiontune.tuning.storage import (
     study_config,
 )
 from visiontune.tuning.trials import best_summary, best_trial, counted_trials, trial_counts
-from visiontune.tuning.workers import run_worker, spawn_workers
+from visiontune.tuning.workers import (
+    check_distributed_trials,
+    run_worker,
+    spawn_workers,
+    wait_workers,
+)
 
 # Written into the final run (STUDY_DIR/best) to say which trial it was trained from.
 TRAINED_FROM = "trained_from.json"
@@ -61,6 +66,7 @@ class TuneSettings(BaseModel):
     direction: Literal["auto", "minimize", "maximize"] = "auto"
     max_trials: int = Field(10, ge=1)
     parallel: int = Field(1, ge=1)
+    trial_nproc: int = Field(1, ge=1, description="processes per trial (torchrun above 1)")
     strategy: Literal["bayesian", "random", "grid", "hyperband"] = "bayesian"
     early_stopping: Literal["off", "auto"] = "off"
     timeout: float | None = Field(None, gt=0)
@@ -167,6 +173,10 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     if settings.strategy == "grid":
         space.grid()
     check_batch_sizes(fixed, space)
+    if settings.trial_nproc != 1:
+        check_distributed_trials(
+            {"fixed": fixed_values}, space, settings.parallel, settings.trial_nproc
+        )
     study_dir = settings.resolved_study_dir()
     storage_url = settings.storage or default_storage(study_dir)
     storage = open_storage(storage_url, heartbeat=settings.heartbeat, max_retry=settings.max_retry)
@@ -291,6 +301,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
             heartbeat=settings.heartbeat,
             timeout=settings.timeout,
             worker=0,
+            trial_nproc=settings.trial_nproc,
         )
     else:
         if fast and not counted_trials(study):
@@ -303,6 +314,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
                 heartbeat=settings.heartbeat,
                 max_new_trials=1,
                 worker=0,
+                trial_nproc=settings.trial_nproc,
             )
         left = (
             None
@@ -316,18 +328,9 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
             study_dir,
             heartbeat=settings.heartbeat,
             timeout=left,
+            trial_nproc=settings.trial_nproc,
         )
-        codes = []
-        try:
-            codes = [p.wait() for p in procs]
-        except KeyboardInterrupt:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait()
-            raise
-        if all(c != 0 for c in codes):
-            raise UserError(f"all {len(procs)} workers failed (exit codes {codes}); see above")
+        wait_workers(procs)
     study, result = study_result(settings, storage_url, study_dir)
     if fixed.tracking is not None:  # the study's parent run in MLflow: states, best, report
         from visiontune.tracking.tuning import log_study

@@ -29,6 +29,8 @@ from typing import Any
 from visiontune.tuning._base import (
     EPOCHS_RUN,
     FAIL_REASON,
+    TRIAL_NPROC,
+    WORKER,
     TrialFailed,
     default_study_dir,
     quiet_optuna,
@@ -129,6 +131,7 @@ def run_worker(
     verbose: bool = True,
     worker: int | None = None,
     objective: Callable[[Any], float] | None = None,
+    trial_nproc: int = 1,
 ) -> int:
     """Run trials of a study until it holds its budget of finished trials.
 
@@ -147,6 +150,8 @@ def run_worker(
         worker: this worker's index among the ``--parallel`` workers (seeds its sampler);
             ``None`` for a worker started by hand.
         objective: what a trial runs (default: a training run with the study's options).
+        trial_nproc: processes per trial: above 1, each trial trains as a torchrun job of
+            its own (``visiontune.tuning.distributed``).
 
     Returns:
         The number of trials this worker ran.
@@ -158,6 +163,10 @@ def run_worker(
     cfg = study_config(probe)
     parse_kind_space, objective_class = study_kind(cfg)
     space = parse_kind_space(cfg["space"])
+    if trial_nproc != 1:
+        check_distributed_trials(cfg, space, 1, trial_nproc)
+        # This machine's choices, handed to the objective (not stored: other workers choose).
+        cfg = {**cfg, TRIAL_NPROC: trial_nproc, WORKER: worker}
     max_epochs = int(cfg["fixed"].get("epochs", 1))
     for p in space.params:
         if p.name == "epochs":
@@ -198,6 +207,26 @@ def run_worker(
     return ran
 
 
+def check_distributed_trials(cfg: dict[str, Any], space, parallel: int, trial_nproc: int) -> None:
+    """Refuse ``--trial-nproc`` where it cannot run, before any trial starts.
+
+    Raises:
+        UserError: a script study, more processes than GPUs or cores, or a batch size that
+            does not split over ``trial_nproc`` processes.
+    """
+    from visiontune.errors import UserError
+    from visiontune.tuning.distributed import check_trial_processes
+
+    if trial_nproc != 1 and cfg.get("kind", "train") != "train":
+        raise UserError("--trial-nproc runs visiontune's own training; a script trial is one job")
+    fixed = cfg["fixed"]
+    sizes = [int(fixed.get("batch_size", 32))]
+    for p in space.params:
+        if p.name == "batch_size":
+            sizes = [int(v) for v in p.corners()]
+    check_trial_processes(parallel, trial_nproc, str(fixed.get("device", "auto")), sizes)
+
+
 def _print_trial(study, number: int) -> None:
     t = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     value = "" if t.value is None else f" {study_config(study)['objective']}={t.value:.4f}"
@@ -220,9 +249,17 @@ def _set_parent_death_signal() -> None:
 
 
 def spawn_workers(
-    n: int, study_name: str, storage_url: str, study_dir: Path, *, heartbeat: int, timeout
+    n: int,
+    study_name: str,
+    storage_url: str,
+    study_dir: Path,
+    *,
+    heartbeat: int,
+    timeout,
+    trial_nproc: int = 1,
 ) -> list[subprocess.Popen]:
-    """Start ``n`` ``visiontune tune worker`` processes against the same storage."""
+    """Start ``n`` ``visiontune tune worker`` processes against the same storage (each runs
+    trials of ``trial_nproc`` processes)."""
     env = dict(os.environ)
     # Share the cores instead of each process claiming all of them.
     threads = max(1, (os.cpu_count() or 1) // n)
@@ -244,9 +281,35 @@ def spawn_workers(
     ]
     if timeout:
         cmd += ["--timeout", str(timeout)]
+    if trial_nproc != 1:
+        cmd += ["--trial-nproc", str(trial_nproc)]
     return [
         subprocess.Popen(
             [*cmd, "--worker-index", str(i)], env=env, preexec_fn=_set_parent_death_signal
         )
         for i in range(n)
     ]
+
+
+def wait_workers(procs: list[subprocess.Popen]) -> list[int]:
+    """Wait for local worker processes; on Ctrl-C stop them all before re-raising.
+
+    Returns:
+        Their exit codes, in order.
+
+    Raises:
+        UserError: every worker failed (their own output said why).
+    """
+    from visiontune.errors import UserError
+
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    if procs and all(c != 0 for c in codes):
+        raise UserError(f"all {len(procs)} workers failed (exit codes {codes}); see above")
+    return codes
