@@ -64,7 +64,7 @@ class TrainConfig(BaseModel):
         "linear",
         description="linear | mlp (Linear-ReLU-Dropout-Linear) | probe (L2-regularised "
         "logistic regression fitted full-batch by L-BFGS on cached features; L2 strength "
-        "weight_decay, i.e. scikit-learn's C = 1 / (n_train * weight_decay))",
+        "weight_decay: scikit-learn's C = 1 / (n_train * weight_decay), twice that for 2 classes)",
     )
     head_hidden: int = Field(512, ge=1, description="hidden width of the mlp head")
 

@@ -11,7 +11,10 @@ module holds what the training loop does differently for them, as small pieces
       mean_i CE(W x_i + b, y_i) + weight_decay / 2 * ||W||^2      (the bias is not penalised)
 
   which is scikit-learn's ``LogisticRegression(C=C)`` objective ``C * sum_i CE_i + ||W||^2 / 2``
-  divided by ``C * n``: the same minimiser when ``C = 1 / (n_train * weight_decay)``.
+  divided by ``C * n``: the same minimiser when ``C = 1 / (n_train * weight_decay)`` (three
+  classes or more). With two classes scikit-learn fits one weight vector ``v`` where the
+  softmax has two rows; the optimum splits it as ``w1 = -w0 = v / 2``, which halves the
+  penalty, so there ``C = 2 / (n_train * weight_decay)`` (:func:`probe_c`).
 - :class:`WeightAverager`: ``weight_averaging: ema | swa`` keeps a running average of the
   trainable module (``torch.optim.swa_utils.AveragedModel``) from the epoch ``swa_start`` of
   the way through; validation, best-epoch selection and the exported model use it.
@@ -39,9 +42,10 @@ class ProbeFit:
     logits: torch.Tensor  # of the training features, at the fitted weights
 
 
-def probe_c(n_train: int, weight_decay: float) -> float:
-    """scikit-learn's ``C`` for the probe fitted with ``weight_decay`` on ``n_train`` samples."""
-    return 1.0 / (n_train * weight_decay)
+def probe_c(n_train: int, weight_decay: float, num_classes: int) -> float:
+    """scikit-learn's ``LogisticRegression`` ``C`` with the same minimiser as the probe fitted
+    with ``weight_decay`` on ``n_train`` samples of ``num_classes`` classes."""
+    return (2.0 if num_classes == 2 else 1.0) / (n_train * weight_decay)
 
 
 def fit_probe(
