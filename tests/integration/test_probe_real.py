@@ -40,7 +40,6 @@ def test_probe_matches_logistic_regression_on_hymenoptera(hymenoptera, tmp_path)
             "head": "probe",
             "weight_decay": weight_decay,
             "epochs": 1,
-            "precision": "fp32",
             "output": str(tmp_path / "run"),
             "progress": False,
             "report": False,

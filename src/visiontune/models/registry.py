@@ -437,6 +437,8 @@ def build_model(
     if keep_pretrained_head:
         if parts.classifier is None or parts.classifier.out_features != num_classes:
             raise ValueError("keep_pretrained_head needs num_classes equal to the original head")
+        if HEADS[head] is not _linear_head:
+            raise ValueError(f"keep_pretrained_head needs a linear head, not {head!r}")
         model.head[1].load_state_dict(parts.classifier.state_dict())
     model._parts = parts  # type: ignore[attr-defined]  # stages, for set_trainable
     return model, spec
