@@ -59,6 +59,14 @@ class TrainConfig(BaseModel):
         1.0, gt=0.0, description="learning rate multiplier for trainable backbone layers"
     )
     image_size: int | None = Field(None, description="input size; default from the backbone")
+    # heads for small data (issue #16): what sits on the backbone, and how it is fitted
+    head: Literal["linear", "mlp", "probe"] = Field(
+        "linear",
+        description="linear | mlp (Linear-ReLU-Dropout-Linear) | probe (L2-regularised "
+        "logistic regression fitted full-batch by L-BFGS on cached features; L2 strength "
+        "weight_decay: scikit-learn's C = 1 / (n_train * weight_decay), twice that for 2 classes)",
+    )
+    head_hidden: int = Field(512, ge=1, description="hidden width of the mlp head")
 
     # optimisation
     lr: float = Field(1e-3, description="peak learning rate")
@@ -74,6 +82,19 @@ class TrainConfig(BaseModel):
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
     augment: Literal["none", "light", "strong"] = "light"
     grad_clip: float | None = Field(None, gt=0.0)
+    # weight averaging of the trainable part over the last epochs (issue #16)
+    weight_averaging: Literal["none", "ema", "swa"] = Field(
+        "none",
+        description="none | ema (every step) | swa (equal weights, every epoch end); the "
+        "averaged weights are validated, selected and exported",
+    )
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay per optimizer step")
+    swa_start: float = Field(
+        0.75,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the epochs after which weight averaging (ema or swa) starts",
+    )
 
     # stopping and selection
     monitor: str = Field("valid_loss", description="metric that picks the best epoch")
@@ -149,6 +170,22 @@ class TrainConfig(BaseModel):
         if self.monitor_mode == "auto":
             mode = "min" if is_minimised(self.monitor) else "max"
             object.__setattr__(self, "monitor_mode", mode)
+        return self
+
+    @model_validator(mode="after")
+    def _probe_needs_cached_features(self) -> TrainConfig:
+        # The probe is a full-batch fit over every training feature at once: it needs them
+        # computed once (frozen backbone, no per-epoch augmentation), and a convex problem.
+        if self.head != "probe":
+            return self
+        if not self.uses_feature_cache:
+            raise ValueError(
+                "head=probe fits on cached backbone features: it needs trainable=head, "
+                f"augment=none and feature_cache=true (here trainable={self.trainable}, "
+                f"augment={self.augment}, feature_cache={str(self.feature_cache).lower()})"
+            )
+        if not self.weight_decay > 0:
+            raise ValueError("head=probe needs weight_decay > 0 (its L2 strength)")
         return self
 
     @property

@@ -58,6 +58,7 @@ from visiontune.config import Resolved, TrainConfig
 from visiontune.device import autocast, autocast_dtype, default_workers, resolve_device
 from visiontune.errors import UserError
 from visiontune.evaluate import classification_metrics, collect_logits
+from visiontune.heads import WeightAverager, merged_state_dict
 from visiontune.run import RunDir
 
 # Config keys a resumed run may change: they do not change what the run computes.
@@ -141,6 +142,8 @@ class Loaders:
     uses_feature_cache: bool
     # What a training step calls: step_model, under DistributedDataParallel with several ranks.
     trainer: nn.Module | None = None
+    # Every cached training feature at once (head=probe fits on them full-batch).
+    train_tensors: TensorDataset | None = None
 
 
 @dataclass
@@ -169,6 +172,7 @@ class Job:
     loaders: Loaders | None = None
     opt: Optimization | None = None
     last_eval: tuple[torch.Tensor, torch.Tensor] | None = None  # logits, labels of validate()
+    averager: WeightAverager | None = None  # weight_averaging: ema | swa
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +360,12 @@ def setup_model(job: Job) -> None:
     cfg, device = job.cfg, job.runtime.device
     torch.manual_seed(cfg.seed)  # a fresh head (or random backbone) is the same per seed
     model, _ = build_model(
-        cfg.model, job.data.num_classes, weights=cfg.weights, dropout=cfg.dropout
+        cfg.model,
+        job.data.num_classes,
+        weights=cfg.weights,
+        dropout=cfg.dropout,
+        head=cfg.head,
+        head_hidden=cfg.head_hidden,
     )
     set_trainable(model, cfg.trainable)
     model.to(device)
@@ -430,6 +439,7 @@ def setup_data(job: Job, preprocess) -> None:
             return DataLoader(tensors[split], batch_sampler=batches, collate_fn=_tensor_collate)
 
         job.loaders = Loaders(train_loader, sampler, feature_loader, model.head, True)
+        job.loaders.train_tensors = tensors["train"]
     s = job.state
     s.step_model, s.uses_feature_cache = job.loaders.step_model, job.loaders.uses_feature_cache
 
@@ -501,6 +511,8 @@ def setup_optimization(job: Job) -> None:
     steps_per_epoch = math.ceil(len(job.loaders.sampler) / job.loaders.train.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if cfg.head == "probe":
+        steps_per_epoch = 1  # one full-batch L-BFGS fit (see _probe_epoch)
     optimizer = build_optimizer(cfg, job.model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(cfg, steps_per_epoch * cfg.epochs, steps_per_epoch)
@@ -511,6 +523,12 @@ def setup_optimization(job: Job) -> None:
     better = (lambda a, b: a < b) if cfg.monitor_mode == "min" else (lambda a, b: a > b)
     job.opt = Optimization(optimizer, scheduler, scaler, loss_fn, better)
     job.state.optimizer, job.state.steps_per_epoch = optimizer, steps_per_epoch
+    if cfg.weight_averaging != "none":
+        # The trainable part: the head over cached features, else the whole model (its frozen
+        # layers average to themselves).
+        job.averager = WeightAverager(
+            job.loaders.step_model, cfg.weight_averaging, cfg.ema_decay, cfg.swa_start, cfg.epochs
+        )
 
 
 def distribute(job: Job) -> None:
@@ -532,6 +550,12 @@ def distribute(job: Job) -> None:
 
 def restore_checkpoint(job: Job, ck: dict[str, Any]) -> None:
     job.model.load_state_dict(ck["model"])
+    if job.averager is not None:
+        if "averaged" not in ck:
+            raise UserError(
+                "the checkpoint holds no averaged weights; it predates weight_averaging"
+            )
+        job.averager.load_state_dict(ck["averaged"])
     job.opt.optimizer.load_state_dict(ck["optimizer"])
     job.opt.scheduler.load_state_dict(ck["scheduler"])
     job.opt.scaler.load_state_dict(ck["scaler"])
@@ -566,6 +590,7 @@ def save_checkpoint(job: Job) -> None:
             "optimizer": job.opt.optimizer.state_dict(),
             "scheduler": job.opt.scheduler.state_dict(),
             "scaler": job.opt.scaler.state_dict(),
+            **({"averaged": job.averager.state_dict()} if job.averager else {}),
             "rng": rngs[0],
             **({"rank_rng": rngs} if len(rngs) > 1 else {}),
             **state.state_dict(),
@@ -579,6 +604,9 @@ def save_checkpoint(job: Job) -> None:
 
 def train_one_epoch(job: Job) -> None:
     """One pass over the epoch's permutation (from where a resumed run stopped)."""
+    if job.cfg.head == "probe":
+        _probe_epoch(job)
+        return
     cfg, state, cbs, rt, opt = job.cfg, job.state, job.cbs, job.runtime, job.opt
     device, model, step_model = rt.device, job.model, job.loaders.step_model
     fire_batch, fire_start = cbs.listens("on_batch_start"), cbs.listens("on_step_start")
@@ -634,6 +662,8 @@ def train_one_epoch(job: Job) -> None:
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
         opt.scheduler.step()
+        if job.averager is not None:
+            job.averager.after_step(state.epoch)
         state.step += 1
         state.batch_in_epoch += 1
         n = targets.shape[0]
@@ -654,6 +684,70 @@ def train_one_epoch(job: Job) -> None:
                 raise TrainingInterrupted(job.run, signum)
     _fold(job, loss_sum, correct_sum, count, bad_here)
     job.progress.stop(task)
+    if job.averager is not None:
+        job.averager.after_epoch(state.epoch)
+    epoch_time = time.perf_counter() - t0
+    seen = state.sums["count"] - seen_at_start
+    state.last_metrics = {
+        "images_per_sec": seen / epoch_time if epoch_time > 0 else 0.0,
+        "epoch_time": epoch_time,
+    }
+
+
+def _probe_epoch(job: Job) -> None:
+    """An epoch of ``head: probe``: one full-batch L-BFGS fit of the linear head on every
+    cached training feature (``visiontune.heads.fit_probe``), as the epoch's one step.
+
+    Each epoch warm-starts from the previous epoch's weights rather than fixing epochs to 1:
+    the objective is strictly convex, so a converged fit stops after one gradient evaluation,
+    a fit that ran out of iterations goes on where it stopped, and ``epochs``, checkpoints,
+    metrics, callbacks and resume mean what they mean for any other head.
+    """
+    from visiontune.heads import fit_probe
+
+    cfg, state, cbs = job.cfg, job.state, job.cbs
+    state.phase = "train"
+    cbs.fire("on_epoch_start", state)
+    t0 = time.perf_counter()
+    seen_at_start = state.sums["count"]
+    if state.batch_in_epoch < state.steps_per_epoch:
+        features, labels = job.loaders.train_tensors.tensors
+        batch = (features, labels)
+        cbs.fire("on_batch_start", state)
+        cbs.fire("on_step_start", state, batch)
+        job.loaders.step_model.train()
+        fit = fit_probe(
+            job.model.head[-1],
+            features,
+            labels,
+            cfg.weight_decay,
+            label_smoothing=cfg.label_smoothing,
+        )
+        labels = labels.to(fit.logits.device)
+        loss = nn.functional.cross_entropy(fit.logits, labels)
+        if not fit.converged:
+            _say(
+                job,
+                f"warning: the probe did not converge in {fit.iterations} L-BFGS iterations "
+                f"(largest gradient {fit.grad_max:.1e}); the next epoch continues the fit",
+            )
+        if job.averager is not None:
+            job.averager.after_step(state.epoch)
+        state.step += 1
+        state.batch_in_epoch += 1
+        n = labels.numel()
+        state.sums = {
+            "loss": state.sums["loss"] + float(loss) * n,
+            "correct": state.sums["correct"] + float((fit.logits.argmax(1) == labels).sum()),
+            "count": state.sums["count"] + n,
+        }
+        cbs.fire("on_step_end", state, batch, fit.logits, loss)
+        signum = _agreed_signal(job)
+        if signum:
+            save_checkpoint(job)
+            raise TrainingInterrupted(job.run, signum)
+    if job.averager is not None:
+        job.averager.after_epoch(state.epoch)
     epoch_time = time.perf_counter() - t0
     seen = state.sums["count"] - seen_at_start
     state.last_metrics = {
@@ -663,14 +757,18 @@ def train_one_epoch(job: Job) -> None:
 
 
 def validate(job: Job, split: str) -> dict[str, Any]:
-    """Metrics of the model on ``split`` (evaluation events fire around it)."""
+    """Metrics of the model on ``split`` (evaluation events fire around it); once weight
+    averaging has started, of the averaged weights."""
     state, rt, previous = job.state, job.runtime, job.state.phase
     state.phase, state.eval_split = "eval", split
     job.cbs.fire("on_evaluation_start", state, split)
     loader = job.loaders.make_eval(split)
     batches = dist.BatchSizes(loader)  # this rank's share of the batches, gathered in order
+    evaluated = job.loaders.step_model
+    if job.averager is not None and job.averager.active(state.epoch):
+        evaluated = job.averager.averaged_module
     logits, labels, _ = collect_logits(
-        job.loaders.step_model, batches, rt.device, rt.amp_dtype, job.cfg.channels_last
+        evaluated, batches, rt.device, rt.amp_dtype, job.cfg.channels_last
     )
     logits, labels = job.dist.gather_batches(
         [logits, labels], batches.sizes, loader.batch_sampler.num_batches
@@ -727,10 +825,19 @@ def end_epoch(job: Job, valid: dict[str, Any]) -> None:
     state.history.append(metrics)
     state.last_metrics = metrics
     value = metrics[cfg.monitor]
-    if state.best_value is None or job.opt.better(value, state.best_value):
+    averager = job.averager
+    # With weight averaging, only averaged epochs may be exported: earlier ones are logged but
+    # are not candidates for the best epoch (nor count towards early stopping).
+    candidate = averager is None or averager.active(state.epoch)
+    if candidate and (state.best_value is None or job.opt.better(value, state.best_value)):
         state.best_value, state.best_epoch, state.stale_epochs = value, state.epoch + 1, 0
-        job.run.save_best(job.model.state_dict())
-    else:
+        if averager is None:
+            job.run.save_best(job.model.state_dict())
+        else:
+            job.run.save_best(
+                merged_state_dict(job.model, averager.module, averager.averaged_module)
+            )
+    elif candidate:
         state.stale_epochs += 1
     job.progress.epoch_line(metrics, cfg.epochs, state.best_epoch)
     job.cbs.fire("on_epoch_end", state, metrics)
@@ -756,6 +863,9 @@ def export_best(job: Job, preprocess) -> TrainResult:
     if best is not None:
         device = next(model.parameters()).device
         model.load_state_dict({k: v.to(device) for k, v in best.items()})
+    # The best weights (averaged ones under weight averaging) are now the model's: evaluate and
+    # export them, not the running average.
+    job.averager = None
     split = "test" if job.data.splits.get("test") else "valid"
     test_metrics = validate(job, split)
     test_metrics["split"] = split

@@ -57,6 +57,16 @@ def train(
     schedule: str = typer.Option(None, help="cosine | step | onecycle | constant."),
     warmup_epochs: float = typer.Option(None),
     augment: str = typer.Option(None, help="none | light | strong."),
+    # heads for small data (issue #16)
+    head: str = typer.Option(
+        None, help="linear | mlp | probe (L-BFGS logistic regression on cached features)."
+    ),
+    head_hidden: int = typer.Option(None, help="Hidden width of the mlp head."),
+    weight_averaging: str = typer.Option(
+        None, help="none | ema | swa: validate and export averaged weights."
+    ),
+    ema_decay: float = typer.Option(None, help="EMA decay per step (--weight-averaging ema)."),
+    swa_start: float = typer.Option(None, help="Fraction of epochs before averaging starts."),
     image_size: int = typer.Option(None, help="Input size (default: the backbone's)."),
     seed: int = typer.Option(None),
     device: str = typer.Option(None, help="auto | cpu | cuda."),

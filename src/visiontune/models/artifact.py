@@ -73,7 +73,8 @@ def save_model_dir(
     """Write ``model.safetensors`` and ``model.json`` into ``path`` (atomically, weights first).
 
     The version is a short hash of the weights, so two directories with the same version hold
-    the same model.
+    the same model. The head's kind (and an MLP's width) is read from ``model`` and recorded,
+    so loading rebuilds the same layers.
     """
     from safetensors.torch import save_file
 
@@ -91,6 +92,7 @@ def save_model_dir(
         "version": digest,
         "architecture": architecture,
         "num_classes": len(class_ids),
+        "head": head_record(model),
         "class_ids": list(class_ids),
         "class_names": list(class_names),
         "preprocess": preprocess.to_dict(),
@@ -101,6 +103,21 @@ def save_model_dir(
     with write_errors(path):
         atomic_write_json(path / META_FILE, meta)
     return path
+
+
+def head_record(model: nn.Module) -> dict[str, Any]:
+    """What ``build_model`` needs to rebuild ``model``'s head: ``{"type", "hidden"?}``."""
+    kind = getattr(model, "head_kind", "linear")
+    record: dict[str, Any] = {"type": kind}
+    if kind == "mlp":
+        record["hidden"] = int(model.head_hidden)  # type: ignore[attr-defined]
+    return record
+
+
+def _head_args(meta: dict[str, Any]) -> dict[str, Any]:
+    """``build_model`` keywords for the recorded head (linear when a model predates heads)."""
+    record = meta.get("head") or {"type": "linear"}
+    return {"head": record["type"], "head_hidden": record.get("hidden", 512)}
 
 
 @contextlib.contextmanager
@@ -152,6 +169,14 @@ def _check_meta(meta: dict[str, Any], meta_file: Path) -> None:
     num_classes = meta.get("num_classes")
     if type(num_classes) is not int or num_classes != len(class_ids):
         raise bad(f'"num_classes" is {num_classes!r} but there are {len(class_ids)} class_ids')
+    head = meta.get("head", {"type": "linear"})
+    from visiontune.models.registry import HEADS
+
+    if not isinstance(head, dict) or head.get("type") not in HEADS:
+        raise bad(f'"head" must be {{"type": one of {", ".join(HEADS)}}}, got {head!r}')
+    hidden = head.get("hidden", 512)
+    if type(hidden) is not int or hidden < 1:
+        raise bad(f'"head" hidden width must be a positive integer, got {hidden!r}')
     pre = meta.get("preprocess")
     if not isinstance(pre, dict):
         raise bad('"preprocess" is missing')
@@ -224,7 +249,9 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
     path = Path(path)
     meta = read_meta(path)
-    model, _ = build_model(meta["architecture"], int(meta["num_classes"]), weights="none")
+    model, _ = build_model(
+        meta["architecture"], int(meta["num_classes"]), weights="none", **_head_args(meta)
+    )
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except SafetensorError as e:

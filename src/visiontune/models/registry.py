@@ -87,15 +87,48 @@ class BackboneSpec:
         return p
 
 
+def _linear_head(feature_dim: int, num_classes: int, dropout: float, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+
+
+def _mlp_head(feature_dim: int, num_classes: int, dropout: float, hidden: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(feature_dim, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+# Head kinds by name: ``build(feature_dim, num_classes, dropout, hidden) -> nn.Module``. The
+# probe is a linear head (same layers, same weight names) that training fits by L-BFGS
+# instead of SGD/AdamW, so a probe model loads, exports and serves as a linear one.
+HEADS: dict[str, Callable[[int, int, float, int], nn.Module]] = {
+    "linear": _linear_head,
+    "mlp": _mlp_head,
+    "probe": _linear_head,
+}
+
+
 class Classifier(nn.Module):
-    """A backbone producing pooled features, then a fresh head (dropout + linear)."""
+    """A backbone producing pooled features, then a fresh head (see ``HEADS``)."""
 
     def __init__(
-        self, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float = 0.0
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        dropout: float = 0.0,
+        head: str = "linear",
+        head_hidden: int = 512,
     ):
         super().__init__()
+        if head not in HEADS:
+            raise UserError(f"unknown head {head!r} (one of: {', '.join(HEADS)})")
         self.backbone = backbone
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+        self.head = HEADS[head](feature_dim, num_classes, dropout, head_hidden)
+        self.head_kind = head
+        self.head_hidden = head_hidden
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self._frozen: list[nn.Module] = []
@@ -375,6 +408,8 @@ def build_model(
     weights: str = "imagenet",
     dropout: float = 0.0,
     keep_pretrained_head: bool = False,
+    head: str = "linear",
+    head_hidden: int = 512,
 ) -> tuple[Classifier, BackboneSpec]:
     """Build a :class:`Classifier` for ``num_classes`` from a registry backbone.
 
@@ -386,7 +421,10 @@ def build_model(
             loaded with ``weights_only=True``).
         dropout: dropout before the new linear layer.
         keep_pretrained_head: copy the original classifier into the head (needs
-            ``num_classes`` equal to its output size); used to check ImageNet weights.
+            ``num_classes`` equal to its output size, and a linear head); used to check
+            ImageNet weights.
+        head: the head kind, a key of ``HEADS`` (``linear``, ``mlp``, ``probe``).
+        head_hidden: hidden width of the ``mlp`` head.
     """
     spec = get_spec(name)
     if weights not in ("imagenet", "none"):
@@ -395,10 +433,12 @@ def build_model(
     else:
         full = spec.build(weights == "imagenet")
     parts = spec.split(full)
-    model = Classifier(parts.backbone, parts.feature_dim, num_classes, dropout)
+    model = Classifier(parts.backbone, parts.feature_dim, num_classes, dropout, head, head_hidden)
     if keep_pretrained_head:
         if parts.classifier is None or parts.classifier.out_features != num_classes:
             raise ValueError("keep_pretrained_head needs num_classes equal to the original head")
+        if HEADS[head] is not _linear_head:
+            raise ValueError(f"keep_pretrained_head needs a linear head, not {head!r}")
         model.head[1].load_state_dict(parts.classifier.state_dict())
     model._parts = parts  # type: ignore[attr-defined]  # stages, for set_trainable
     return model, spec
