@@ -3,6 +3,8 @@
 Writes ``OUTPUT/predictions.jsonl``: one line per image, ``{"image": relative path,
 "predictions": [top-k], "model": {name, version, fingerprint}}`` or ``{"image": ..., "error":
 "why", "model": ...}`` for a file that is not a usable image (recorded, then the run goes on).
+With test-time augmentation every line also holds ``"tta": {"views", "names"}``; a resumed run
+with another TTA setting is refused like one with another model.
 Images already in the output are skipped, so a killed run picks up where it stopped; an output
 that holds another model's answers is refused (``overwrite=True`` starts it afresh), so a
 resumed run never mixes two models' predictions; lines are flushed and fsynced after every batch, so a kill loses
@@ -56,11 +58,18 @@ def _describe(model: dict[str, Any] | None) -> str:
     return f"model {model.get('name')!r} version {model.get('version')!r}"
 
 
-def _done_images(path: Path, model: dict[str, str], shown_as: str) -> set[str]:
+def _describe_tta(tta: dict[str, Any] | None) -> str:
+    return f"test-time augmentation with {tta.get('views')} views" if tta else "no TTA"
+
+
+def _done_images(
+    path: Path, model: dict[str, str], shown_as: str, tta: dict[str, Any] | None = None
+) -> set[str]:
     """Images already in the output; a torn last line (a kill mid-write) is cut off first.
 
     Raises:
-        UserError: a line was written by another model (another fingerprint).
+        UserError: a line was written by another model (another fingerprint) or with another
+            test-time augmentation setting.
     """
     if not path.exists():
         return set()
@@ -85,6 +94,12 @@ def _done_images(path: Path, model: dict[str, str], shown_as: str) -> set[str]:
             raise UserError(
                 f"{shown_as} holds predictions of {_describe(written_by if isinstance(written_by, dict) else None)}, "
                 f"not of {_describe(model)}; choose another --output or pass --overwrite"
+            )
+        if record.get("tta") != tta:
+            # One output, one way of predicting: TTA answers differ from plain ones.
+            raise UserError(
+                f"{shown_as} holds predictions made with {_describe_tta(record.get('tta'))}, "
+                f"this run uses {_describe_tta(tta)}; choose another --output or pass --overwrite"
             )
         done.add(image)
     return done
@@ -153,6 +168,7 @@ def transform(
     endpoint_url: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    tta: int = 0,
 ) -> TransformResult:
     """Predict every image under ``input_uri`` and append the answers to ``output_uri``.
 
@@ -169,6 +185,9 @@ def transform(
         overwrite: start the output afresh instead of resuming it (needed when it holds
             another model's predictions).
         progress: show a progress bar (images done, rate, time left) on stderr.
+        tta: test-time augmentation views per image (0: off; 2: the image and its mirror; see
+            :mod:`visiontune.tta`); a batch of ``batch_size`` images runs as
+            ``batch_size * tta`` rows.
 
     Returns:
         Counts of predicted, failed and skipped (already done) images.
@@ -187,10 +206,15 @@ def transform(
     from visiontune.inference import topk
     from visiontune.models.artifact import fetch_model_dir, model_fingerprint
     from visiontune.serving.runtimes import load_runtime
+    from visiontune.tta import check_views, describe
+    from visiontune.tta import predict_proba as tta_predict_proba
     from visiontune.uri import is_remote, join, open_fs, storage_errors, visiontune_home
 
     if batch_size < 1 or top_k < 1:
         raise UserError("--batch-size and --top-k must be at least 1")
+    check_views(tta)
+    tta_record = describe(tta)
+    extra = {"tta": tta_record} if tta_record else {}
     local_model = fetch_model_dir(str(model_dir), endpoint_url)
     model = load_runtime(runtime, local_model, device=device, precision=precision)
     info = model.info
@@ -219,7 +243,7 @@ def transform(
         if overwrite:
             local.unlink(missing_ok=True)
 
-    done = _done_images(local, identity, join(output_uri, OUTPUT_FILE))
+    done = _done_images(local, identity, join(output_uri, OUTPUT_FILE), tta_record)
     todo = [
         (f, os.path.relpath(f, root) if not is_remote(input_uri) else f[len(root) :].lstrip("/"))
         for f in files
@@ -259,17 +283,21 @@ def transform(
             good = [(n, x) for n, x in zip(names, decoded, strict=True) if not isinstance(x, str)]
             answers: dict[str, Any] = {}
             if good:
-                probs = model.predict(torch.stack([x for _, x in good]))
+                probs = tta_predict_proba(
+                    model.predict, torch.stack([x for _, x in good]), tta, info.preprocess
+                )
                 for (name, _), top in zip(
                     good, topk(probs, info.class_ids, info.class_names, top_k), strict=True
                 ):
                     answers[name] = top
             for name, x in zip(names, decoded, strict=True):
                 if isinstance(x, str):
-                    lines.append({"image": name, "error": x, "model": identity})
+                    lines.append({"image": name, "error": x, "model": identity, **extra})
                     errors += 1
                 else:
-                    lines.append({"image": name, "predictions": answers[name], "model": identity})
+                    lines.append(
+                        {"image": name, "predictions": answers[name], "model": identity, **extra}
+                    )
                     predicted += 1
             out.write("".join(json.dumps(line) + "\n" for line in lines))
             out.flush()
