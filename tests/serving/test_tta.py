@@ -125,9 +125,21 @@ def test_serve_refuses_tta_with_a_handler_that_replaces_predict(model_dir, tmp_p
     assert ServeConfig(str(model_dir)).tta == 0  # off unless asked for
 
 
-def test_transform_tta_writes_what_predict_tta_answers(model_dir, image_bytes, tmp_path, cli):
-    from visiontune.evaluate import predict
+def test_serve_and_predict_flags_refuse_a_bad_view_count_in_one_line(model_dir, tmp_path, cli):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not read: the flags fail first")
+    for args in (
+        ("serve", model_dir, "--tta-views", "13", "--port", "0"),
+        ("predict", image, "--model", model_dir, "--tta-views", "1"),
+    ):
+        code, _, err = cli(*args)
+        assert code != 0
+        assert len(err.strip().splitlines()) == 1 and "--tta-views must be between 2" in err
+    code, _, err = cli("predict", image, "--endpoint", "http://127.0.0.1:9", "--tta")
+    assert code != 0 and "visiontune serve --tta" in err
 
+
+def test_transform_tta_writes_what_predict_tta_answers(model_dir, image_bytes, tmp_path, cli):
     images = tmp_path / "in"
     images.mkdir()
     for i in range(5):
@@ -149,9 +161,20 @@ def test_transform_tta_writes_what_predict_tta_answers(model_dir, image_bytes, t
     )
     assert code == 0, err
     lines = {r["image"]: r for r in map(json.loads, (out / OUTPUT_FILE).read_text().splitlines())}
-    answers = predict(
-        sorted(str(p) for p in images.iterdir()), model_dir, top_k=3, device="cpu", tta=2
+    code, printed, err = cli(
+        "predict",
+        *sorted(images.iterdir()),
+        "--model",
+        model_dir,
+        "--tta",
+        "--top-k",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
     )
+    assert code == 0, err
+    answers = json.loads(printed)
     assert len(lines) == len(answers) == 5
     for answer in answers:
         line = lines[Path(answer["image"]).name]

@@ -416,7 +416,8 @@ class ServingState:
         self.ready = True
         self.metrics.ready.set(1)
         runtime = getattr(self.handler.model, "name", type(self.handler.model).__name__)
-        log.info("model loaded (runtime %s) and warmed up; /ping answers 200", runtime)
+        views = f", test-time augmentation with {self.config.tta} views" if self.config.tta else ""
+        log.info("model loaded (runtime %s%s) and warmed up; /ping answers 200", runtime, views)
 
     async def start(self) -> None:
         self.batcher.start()
