@@ -60,8 +60,10 @@ def _npy_answer(client: TestClient, images: list[bytes]):
     )
 
 
-@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+@pytest.mark.parametrize("runtime", ["torch", "onnx", "openvino"])
 def test_endpoint_tta_answers_the_mean_of_the_two_views(model_dir, image_bytes, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra is not installed")
     images = [image_bytes(i, fmt="PNG") for i in range(5)]
     expected = _expected_two_view_probs(model_dir, images)
     # 5 images x 2 views = 10 rows, in batches of at most 4 rows.
