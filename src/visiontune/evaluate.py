@@ -204,6 +204,7 @@ def evaluate(
     precision: str = "auto",
     workers: int | None = None,
     progress: bool | None = None,
+    tta: int = 0,
 ) -> dict[str, Any]:
     """Evaluate a model directory on one split of a dataset, the split its training used.
 
@@ -221,10 +222,14 @@ def evaluate(
         workers: DataLoader workers (default: from the CPU count).
         progress: show a progress bar on stderr; default when stderr is a terminal or
             ``VISIONTUNE_PROGRESS=1``.
+        tta: test-time augmentation views per image (0: off; 2: the image and its mirror;
+            see :mod:`visiontune.tta`). The metrics are those of the averaged probabilities.
 
     Returns:
         The metrics of :func:`classification_metrics` plus ``split``, ``split_source``,
-        ``top_confusions``, ``bad_images`` and ``model``.
+        ``top_confusions``, ``bad_images``, ``model`` and ``tta``: ``None``, or
+        ``{"views", "names", "single_view"}`` where ``single_view`` holds the accuracy, top-5,
+        loss and macro F1 of the plain image alone, measured in the same pass.
 
     Raises:
         UserError: a bad model directory, dataset or split, or classes that differ.
@@ -232,7 +237,9 @@ def evaluate(
     from visiontune.data.folder import ImageDataset, collate_skip_bad
     from visiontune.data.transforms import eval_transform
     from visiontune.models.artifact import load_model_dir
+    from visiontune.tta import TTAModel, check_views, describe
 
+    check_views(tta)
     dev = resolve_device(device)
     loaded = load_model_dir(model_dir, dev)
     chosen = evaluation_split(loaded.meta, model_dir, data, split, endpoint_url=endpoint_url)
@@ -259,11 +266,20 @@ def evaluate(
         num_workers=default_workers() if workers is None else workers,
         collate_fn=collate_skip_bad,
     )
+    model = loaded.model
+    if tta:
+        model = TTAModel(model, tta, loaded.preprocess, keep_single_view=True)
     with _progress_bar(len(loader), f"evaluating {chosen.split}", progress) as advance:
         logits, labels, n_bad = collect_logits(
-            loaded.model, _advancing(loader, advance), dev, autocast_dtype(dev, precision)
+            model, _advancing(loader, advance), dev, autocast_dtype(dev, precision)
         )
     metrics = classification_metrics(logits, remap[labels], loaded.class_names)
+    tta_record = describe(tta)
+    if tta_record is not None and len(labels):
+        single = classification_metrics(
+            torch.cat(model.single_view_logits), remap[labels], loaded.class_names
+        )
+        tta_record["single_view"] = {k: single[k] for k in ("accuracy", "top5", "loss", "macro_f1")}
     metrics.update(
         {
             "split": chosen.split,
@@ -271,6 +287,7 @@ def evaluate(
             "top_confusions": top_confusions(metrics, loaded.class_names),
             "bad_images": n_bad,
             "model": str(model_dir),
+            "tta": tta_record,
         }
     )
     return metrics
@@ -352,13 +369,22 @@ class Predictor:
         model_dir: ``RUN/model`` (or a copy of it): weights, classes and preprocessing.
         device: ``auto``, ``cpu`` or ``cuda``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        tta: test-time augmentation views per image (0: off; 2: the image and its mirror);
+            probabilities are averaged over the views.
     """
 
     def __init__(
-        self, model_dir: str | os.PathLike, *, device: str = "auto", precision: str = "auto"
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        tta: int = 0,
     ):
         from visiontune.models.artifact import load_model_dir
+        from visiontune.tta import check_views
 
+        self.tta = check_views(tta)
         self.device = resolve_device(device)
         self.loaded = load_model_dir(model_dir, self.device)
         self._amp = autocast_dtype(self.device, precision)
@@ -388,14 +414,19 @@ class Predictor:
             FileNotFoundError: a path does not exist.
             visiontune.data.images.ImageDecodeError: an image cannot be decoded.
         """
+        from visiontune import tta
         from visiontune.inference import preprocess_batch
 
         batch = self._images(images)
         if not batch:
             return torch.empty(0, len(self.class_names))
-        x = preprocess_batch(batch, self.loaded.preprocess).to(self.device)
+        x = preprocess_batch(batch, self.loaded.preprocess)
+        return tta.predict_proba(self._probabilities, x, self.tta, self.loaded.preprocess)
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self._amp):
-            logits = self.loaded.model(x.contiguous(memory_format=torch.channels_last))
+            logits = self.loaded.model(x)
         return logits.float().softmax(1).cpu()
 
     def predict(self, images: Sequence[Any]) -> list[str]:
@@ -418,8 +449,12 @@ def predict(
     top_k: int = 5,
     device: str = "auto",
     precision: str = "auto",
+    tta: int = 0,
 ) -> list[dict[str, Any]]:
     """Label image files with a model directory: one ``{image, predictions | error}`` each.
+
+    With ``tta`` views (see :mod:`visiontune.tta`) each answer also holds
+    ``"tta": {"views", "names"}``.
 
     Raises:
         UserError: ``top_k`` is below 1, or an image path is a folder (use ``transform``).
@@ -434,7 +469,10 @@ def predict(
             f"{folders[0]} is a folder; predict labels image files. To label every image in "
             f"it: visiontune transform {model_dir} --input {folders[0]} --output PREDICTIONS"
         )
-    predictor = Predictor(model_dir, device=device, precision=precision)
+    from visiontune.tta import describe
+
+    predictor = Predictor(model_dir, device=device, precision=precision, tta=tta)
+    tta_record = describe(tta)
     results: list[dict[str, Any]] = []
     for path in images:
         if not Path(path).is_file():
@@ -445,5 +483,7 @@ def predict(
         except (ImageDecodeError, OSError) as e:  # an undecodable file is reported, not a crash
             results.append({"image": path, "error": f"cannot decode image: {e}"})
             continue
-        results.append({"image": path, "predictions": preds})
+        results.append(
+            {"image": path, "predictions": preds, **({"tta": tta_record} if tta_record else {})}
+        )
     return results

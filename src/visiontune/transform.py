@@ -3,6 +3,8 @@
 Writes ``OUTPUT/predictions.jsonl``: one line per image, ``{"image": relative path,
 "predictions": [top-k], "model": {name, version, fingerprint}}`` or ``{"image": ..., "error":
 "why", "model": ...}`` for a file that is not a usable image (recorded, then the run goes on).
+With test-time augmentation every line also holds ``"tta": {"views", "names"}``; a resumed run
+with another TTA setting is refused like one with another model.
 Images already in the output are skipped, so a killed run picks up where it stopped; an output
 that holds another model's answers is refused (``overwrite=True`` starts it afresh), so a
 resumed run never mixes two models' predictions; lines are flushed and fsynced after every batch, so a kill loses
@@ -56,11 +58,18 @@ def _describe(model: dict[str, Any] | None) -> str:
     return f"model {model.get('name')!r} version {model.get('version')!r}"
 
 
-def _done_images(path: Path, model: dict[str, str], shown_as: str) -> set[str]:
+def _describe_tta(tta: dict[str, Any] | None) -> str:
+    return f"test-time augmentation with {tta.get('views')} views" if tta else "no TTA"
+
+
+def _done_images(
+    path: Path, model: dict[str, str], shown_as: str, tta: dict[str, Any] | None = None
+) -> set[str]:
     """Images already in the output; a torn last line (a kill mid-write) is cut off first.
 
     Raises:
-        UserError: a line was written by another model (another fingerprint).
+        UserError: a line was written by another model (another fingerprint) or with another
+            test-time augmentation setting.
     """
     if not path.exists():
         return set()
@@ -85,6 +94,12 @@ def _done_images(path: Path, model: dict[str, str], shown_as: str) -> set[str]:
             raise UserError(
                 f"{shown_as} holds predictions of {_describe(written_by if isinstance(written_by, dict) else None)}, "
                 f"not of {_describe(model)}; choose another --output or pass --overwrite"
+            )
+        if record.get("tta") != tta:
+            # One output, one way of predicting: TTA answers differ from plain ones.
+            raise UserError(
+                f"{shown_as} holds predictions made with {_describe_tta(record.get('tta'))}, "
+                f"this run uses {_describe_tta(tta)}; choose another --output or pass --overwrite"
             )
         done.add(image)
     return done
@@ -153,6 +168,7 @@ def transform(
     endpoint_url: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    tta: int = 0,
 ) -> TransformResult:
     """Predict every image under ``input_uri`` and append the answers to ``output_uri``.
 
@@ -169,6 +185,9 @@ def transform(
         overwrite: start the output afresh instead of resuming it (needed when it holds
             another model's predictions).
         progress: show a progress bar (images done, rate, time left) on stderr.
+        tta: test-time augmentation views per image (0: off; 2: the image and its mirror; see
+            :mod:`visiontune.tta`); a batch of ``batch_size`` images runs as
+            ``batch_size * tta`` rows.
 
     Returns:
         Counts of predicted, failed and skipped (already done) images.
@@ -180,10 +199,14 @@ def transform(
     from visiontune.device import available_cores
     from visiontune.models.artifact import fetch_model_dir, model_fingerprint
     from visiontune.serving.runtimes import load_runtime
+    from visiontune.tta import check_views, describe
+    from visiontune.tta import predict_proba as tta_predict_proba
     from visiontune.uri import join
 
     if batch_size < 1 or top_k < 1:
         raise UserError("--batch-size and --top-k must be at least 1")
+    check_views(tta)
+    tta_record = describe(tta)
     local_model = fetch_model_dir(str(model_dir), endpoint_url)
     model = load_runtime(runtime, local_model, device=device, precision=precision)
     info = model.info
@@ -194,10 +217,14 @@ def transform(
     }
     fs, root, files = _list_images(input_uri, endpoint_url)
     output = _Output.open(output_uri, endpoint_url, overwrite=overwrite)
-    done = _done_images(output.local, identity, join(output_uri, OUTPUT_FILE))
+    done = _done_images(output.local, identity, join(output_uri, OUTPUT_FILE), tta_record)
     todo = _pending_images(files, root, input_uri, done)
     decode = _image_decoder(fs, info.preprocess)
-    fields = {"model": identity}  # what every line records besides the image and its answer
+    # What every line records besides the image and its answer.
+    fields = {"model": identity, **({"tta": tta_record} if tta_record else {})}
+
+    def predict(batch):  # the image and its TTA views, probabilities averaged over the views
+        return tta_predict_proba(model.predict, batch, tta, info.preprocess)
 
     predicted = errors = 0
     chunks = list(_chunks(todo, batch_size))
@@ -207,7 +234,7 @@ def transform(
         _progress_bar(len(todo), enabled=progress) as advance,
     ):
         for chunk, decoded in _decode_ahead(pool, decode, chunks):
-            lines = _prediction_lines(model.predict, info, chunk, decoded, top_k, fields)
+            lines = _prediction_lines(predict, info, chunk, decoded, top_k, fields)
             failed = sum("error" in line for line in lines)
             errors += failed
             predicted += len(lines) - failed

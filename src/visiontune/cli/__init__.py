@@ -42,6 +42,16 @@ def _hide_flag_types() -> None:
 
 _hide_flag_types()
 
+# Shared by evaluate, predict, transform and serve: the same flags mean the same thing.
+TTA_HELP = (
+    "Test-time augmentation: average the class probabilities of the image and its mirror "
+    "(more views with --tta-views)."
+)
+TTA_VIEWS_HELP = (
+    "Views per image with --tta (implies it): 2 = image + mirror; 4 adds a centre zoom and "
+    "its mirror; up to 12 with corner zooms."
+)
+
 # Wide enough for any table, so a piped table keeps whole cells instead of "…".
 _PIPE_WIDTH = 10_000
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from visiontune.cli import app
+from visiontune.cli import TTA_HELP, TTA_VIEWS_HELP, app
 
 
 @app.command()
@@ -56,13 +56,21 @@ def serve(
     endpoint_url: str | None = typer.Option(
         None, help="S3-compatible endpoint for an s3:// MODEL (default from the AWS config)."
     ),
+    tta: bool = typer.Option(
+        False,
+        "--tta",
+        help=TTA_HELP + " Off by default: each image then costs the model --tta-views rows.",
+    ),
+    tta_views: int | None = typer.Option(None, "--tta-views", help=TTA_VIEWS_HELP),
 ) -> None:
     """Serve MODEL over HTTP with SageMaker's container contract (/ping, /invocations)."""
     from visiontune.models.artifact import fetch_model_dir
     from visiontune.serving.app import ServeConfig
     from visiontune.serving.app import serve as run_server
     from visiontune.tracking.registry import resolve_model_uri
+    from visiontune.tta import views_from_flags
 
+    views = views_from_flags(tta, tta_views)  # a bad count fails before any model download
     run_server(
         ServeConfig(
             model_dir=fetch_model_dir(resolve_model_uri(model), endpoint_url),
@@ -85,6 +93,7 @@ def serve(
             precision=precision,
             threads=threads,
             access_log=None if access_log in (None, "", "off", "none") else access_log,
+            tta=views,
         )
     )
 
@@ -126,9 +135,12 @@ def transform(
         False, "--overwrite", help="Start OUTPUT afresh (needed when another model wrote it)."
     ),
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    tta_views: int | None = typer.Option(None, "--tta-views", help=TTA_VIEWS_HELP),
 ) -> None:
     """Batch predictions for every image under INPUT; resumes where a previous run stopped."""
     from visiontune.transform import transform as run_transform
+    from visiontune.tta import views_from_flags
 
     result = run_transform(
         model,
@@ -141,6 +153,7 @@ def transform(
         endpoint_url=endpoint_url,
         overwrite=overwrite,
         progress=progress,
+        tta=views_from_flags(tta, tta_views),
     )
     typer.echo(
         f"{result.predicted} predicted, {result.errors} errors, {result.skipped} already done "

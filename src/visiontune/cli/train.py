@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from visiontune.cli import app
+from visiontune.cli import TTA_HELP, TTA_VIEWS_HELP, app
 
 _TRAIN_HELP = """Fine-tune a pretrained backbone on an image dataset.
 
@@ -255,13 +255,22 @@ def evaluate(
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint URL."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    tta_views: int | None = typer.Option(None, "--tta-views", help=TTA_VIEWS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
 ) -> None:
     """Top-1/top-5 accuracy, per-class precision/recall/F1 and the confusion matrix."""
     from visiontune.evaluate import evaluate as run_evaluate
+    from visiontune.tta import views_from_flags
 
     m = run_evaluate(
-        model, data, split, endpoint_url=endpoint_url, batch_size=batch_size, device=device
+        model,
+        data,
+        split,
+        endpoint_url=endpoint_url,
+        batch_size=batch_size,
+        device=device,
+        tta=views_from_flags(tta, tta_views),
     )
     if json_out:
         typer.echo(json.dumps(m, indent=2))
@@ -279,6 +288,15 @@ def _print_evaluation(m: dict[str, Any]) -> None:
     from visiontune.cli import output_console
 
     console = output_console()
+    tta = m.get("tta")
+    if tta:
+        console.print(
+            f"test-time augmentation: {tta['views']} views ({', '.join(tta['names'])}); "
+            f"the plain image alone: accuracy {tta['single_view']['accuracy']:.4f}  "
+            f"loss {tta['single_view']['loss']:.4f}",
+            highlight=False,
+            markup=False,
+        )
     console.print(
         f"{m['split']} ({m['split_source']}): {m['count']} images  accuracy "
         f"{m['accuracy']:.4f}  top-5 {m['top5']:.4f}  loss {m['loss']:.4f}  "
@@ -327,13 +345,22 @@ def predict(
     endpoint: str = typer.Option(None, "--endpoint", help="URL of a running endpoint."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Classes per image."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP + " With --model only."),
+    tta_views: int | None = typer.Option(None, "--tta-views", help=TTA_VIEWS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Label image files with a model directory or a running endpoint."""
     from visiontune.errors import UserError
+    from visiontune.tta import views_from_flags
 
     if (model is None) == (endpoint is None):
         raise UserError("give exactly one of --model DIR or --endpoint URL")
+    views = views_from_flags(tta, tta_views)
+    if endpoint and views:
+        raise UserError(
+            "--tta applies to --model; an endpoint uses TTA when it was started with "
+            "`visiontune serve --tta`"
+        )
     _refuse_folders(images, model)
     if endpoint:
         from visiontune.serving.client import predict_endpoint
@@ -342,7 +369,7 @@ def predict(
     else:
         from visiontune.evaluate import predict as run_predict
 
-        results = run_predict(images, model, top_k=top_k, device=device)
+        results = run_predict(images, model, top_k=top_k, device=device, tta=views)
     if json_out:
         typer.echo(json.dumps(results, indent=2))
     else:

@@ -71,6 +71,8 @@ __all__ = ["ServeConfig", "create_app", "fetch_model_dir", "serve"]
 
 log = logging.getLogger("visiontune.serving")
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
+# Answers made with test-time augmentation say so, with the number of views averaged.
+TTA_HEADER = "x-visiontune-tta-views"
 
 
 @dataclass
@@ -103,6 +105,10 @@ class ServeConfig:
         decode_threads: threads decoding images (default: one per core).
         access_log: ``-`` for stderr, a file path, or ``None`` to turn it off.
         graceful_timeout_s: on SIGTERM, how long in-flight requests get to finish.
+        tta: test-time augmentation views per image (0: off, the default; 2: the image and
+            its mirror). Views are more rows in the batches (at most ``max_batch_size`` rows
+            each), their model inputs count against ``max_request_pixels``, and the answer is
+            the mean of the views' probabilities.
     """
 
     model_dir: str
@@ -129,6 +135,7 @@ class ServeConfig:
     decode_threads: int | None = None
     access_log: str | None = "-"
     graceful_timeout_s: float = 30.0
+    tta: int = 0
 
     @property
     def max_body_bytes(self) -> int:
@@ -156,11 +163,25 @@ class ServeConfig:
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise UserError("--header-timeout and --body-timeout must be > 0 seconds")
         resolve_runtime(self.runtime, self.device, self.precision)
+        from visiontune.tta import check_views
+
+        check_views(self.tta)
         if not Path(self.model_dir).is_dir():
             raise UserError(f"model directory not found: {self.model_dir}")
         custom_model = False
         if self.handler is not None:
-            custom_model = callable(getattr(load_user_module(self.handler), "model_fn", None))
+            module = load_user_module(self.handler)
+            custom_model = callable(getattr(module, "model_fn", None))
+            unbatched = [
+                step
+                for step in ("model_fn", "input_fn", "predict_fn", "transform_fn")
+                if callable(getattr(module, step, None))
+            ]
+            if self.tta and unbatched:
+                raise UserError(
+                    f"--tta needs visiontune's own model, input and predict steps; "
+                    f"{self.handler} overrides {', '.join(unbatched)} (a custom output_fn is fine)"
+                )
         if not custom_model:
             read_meta(self.model_dir)  # a handler without model_fn needs a visiontune model
         return self
@@ -343,12 +364,43 @@ class ServingState:
             )
         return list(torch.split(probs, [int(x.shape[0]) for x in items]))
 
+    def decode_request(self, decoder, body: bytes, options) -> torch.Tensor:
+        """Decode one request's body; with TTA, into its views' rows (image by image)."""
+        batch = decoder(body, options)
+        if not self.config.tta:
+            return batch
+        from visiontune import tta
+
+        views = self.config.tta
+        rows = int(batch.shape[0]) * views
+        pixels = rows * int(batch.shape[-2]) * int(batch.shape[-1])
+        if pixels > self.config.max_request_pixels:
+            raise PayloadTooLarge(
+                f"with --tta {views} views, {batch.shape[0]} images are {rows} model inputs of "
+                f"{pixels:,} pixels together, over the limit of "
+                f"{self.config.max_request_pixels:,} per request (--max-request-pixels); send "
+                "fewer images per request"
+            )
+        return tta.expand(batch, views, self.handler.decode.preprocess)
+
+    def rows_per_batch(self) -> int:
+        """Rows per submitted part: whole groups of an image's views where they fit."""
+        views, most = max(1, self.config.tta), self.config.max_batch_size
+        return most if most < views else most // views * views
+
     def load_and_warm_up(self) -> None:
         """Load the model, run one prediction through the real steps, then report ready."""
         self.handler.load()
         size = self.handler.decode.preprocess.input_size
         if self.handler.batched:
-            (probs,) = self._predict_batch([torch.zeros(1, 3, size, size)])
+            from visiontune import tta
+
+            views = self.config.tta
+            warm = torch.zeros(1, 3, size, size)
+            rows = tta.expand(warm, views, self.handler.decode.preprocess) if views else warm
+            (probs,) = self._predict_batch([rows])
+            if views:
+                probs = tta.average(probs, views)
             # Encoding the answer too: labels that do not fit the model fail here, not later.
             if self.handler.info is not None:
                 ENCODERS[JSON](probs, self.handler.info, self.config.top_k)
@@ -364,7 +416,8 @@ class ServingState:
         self.ready = True
         self.metrics.ready.set(1)
         runtime = getattr(self.handler.model, "name", type(self.handler.model).__name__)
-        log.info("model loaded (runtime %s) and warmed up; /ping answers 200", runtime)
+        views = f", test-time augmentation with {self.config.tta} views" if self.config.tta else ""
+        log.info("model loaded (runtime %s%s) and warmed up; /ping answers 200", runtime, views)
 
     async def start(self) -> None:
         self.batcher.start()
@@ -495,7 +548,11 @@ async def _invoke(state: ServingState, request: Request) -> Response:
     state.decoding += 1
     try:
         batch = await loop.run_in_executor(
-            state.decode_pool, decoder, body, handler.decode.for_request(cancel)
+            state.decode_pool,
+            state.decode_request,
+            decoder,
+            body,
+            handler.decode.for_request(cancel),
         )
     except BaseException:
         cancel.set()
@@ -503,8 +560,8 @@ async def _invoke(state: ServingState, request: Request) -> Response:
         raise
     finally:
         state.decoding -= 1
-    # No batch larger than --max-batch-size, whatever one request holds.
-    parts = torch.split(batch, state.config.max_batch_size)
+    # No batch larger than --max-batch-size, whatever one request holds (TTA views included).
+    parts = torch.split(batch, state.rows_per_batch())
     try:
         answers = await asyncio.gather(
             *(state.batcher.submit(part, announced=i == 0) for i, part in enumerate(parts))
@@ -518,11 +575,19 @@ async def _invoke(state: ServingState, request: Request) -> Response:
     except Exception as e:
         raise ModelError(f"the model failed on this batch: {type(e).__name__}: {e}") from e
     request.state.batch_size = batch_size
+    headers = None
+    if state.config.tta:
+        from visiontune import tta
+
+        probs = tta.average(probs, state.config.tta)
+        headers = {TTA_HEADER: str(state.config.tta)}
     if not handler.custom_output:
         kind = negotiate(accept)
-        return Response(ENCODERS[kind](probs, handler.info, top_k), media_type=kind)
+        return Response(
+            ENCODERS[kind](probs, handler.info, top_k), media_type=kind, headers=headers
+        )
     answer, response_type = handler.encode(probs, accept)
-    return Response(answer, media_type=response_type)
+    return Response(answer, media_type=response_type, headers=headers)
 
 
 def create_app(config: ServeConfig) -> FastAPI:
