@@ -57,6 +57,9 @@ def train(
     schedule: str = typer.Option(None, help="cosine | step | onecycle | constant."),
     warmup_epochs: float = typer.Option(None),
     augment: str = typer.Option(None, help="none | light | strong."),
+    augment_views: int = typer.Option(
+        None, help="Frozen backbone: cache features of K augmented views per image (0: off)."
+    ),
     image_size: int = typer.Option(None, help="Input size (default: the backbone's)."),
     seed: int = typer.Option(None),
     device: str = typer.Option(None, help="auto | cpu | cuda."),
