@@ -81,6 +81,13 @@ class TrainConfig(BaseModel):
     step_size: int = Field(10, ge=1, description="epochs between decays for schedule=step")
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
     augment: Literal["none", "light", "strong"] = "light"
+    # cached augmented views (issue #16): augmentation at feature-cache speed
+    augment_views: int = Field(
+        0,
+        ge=0,
+        description="with a frozen backbone and augment light|strong, cache the backbone "
+        "features of K augmented views per training image and train on them (0: off)",
+    )
     grad_clip: float | None = Field(None, gt=0.0)
     # weight averaging of the trainable part over the last epochs (issue #16)
     weight_averaging: Literal["none", "ema", "swa"] = Field(
@@ -111,7 +118,8 @@ class TrainConfig(BaseModel):
     workers: int | None = Field(None, ge=0, description="DataLoader workers; default from CPUs")
     feature_cache: bool = Field(
         True,
-        description="with a frozen backbone and no augmentation, compute backbone features once",
+        description="with a frozen backbone and no augmentation (or augment_views), compute "
+        "backbone features once",
     )
     max_steps_per_epoch: int | None = Field(None, ge=1)
     sync_batchnorm: bool = Field(
@@ -194,9 +202,22 @@ class TrainConfig(BaseModel):
 
     @property
     def uses_feature_cache(self) -> bool:
-        """The one rule: a frozen backbone, no augmentation, and the cache not turned off;
-        then backbone features are computed once and the head trains on them."""
-        return self.frozen_backbone and self.augment == "none" and self.feature_cache
+        """The one rule: a frozen backbone, no augmentation or cached augmented views
+        (``augment_views``), and the cache not turned off; then backbone features are computed
+        once and the head trains on them."""
+        return (
+            self.frozen_backbone
+            and self.feature_cache
+            and (self.augment == "none" or self.augment_views > 0)
+        )
+
+    @property
+    def uses_feature_views(self) -> bool:
+        """The head trains on cached augmented views (``augment_views`` of them per image).
+
+        With ``augment: none`` every view would equal the plain features, so none are made.
+        """
+        return self.uses_feature_cache and self.augment != "none" and self.augment_views > 0
 
 
 def is_minimised(metric: str) -> bool:

@@ -4,6 +4,13 @@ With a frozen backbone and no augmentation, every epoch (and every tuning trial)
 same images through the same network. Instead the pooled features are computed once per
 (backbone, weights, preprocessing, dataset content) and stored in a cache directory keyed by
 those; training the head on them takes seconds.
+
+With augmentation, ``augment_views`` K > 0 caches the features of K augmented views of every
+training image instead. View ``v`` of image ``i`` is drawn under its own seed
+(:func:`view_seed` of the run's seed, ``i`` and ``v``), so it is the same on every run, machine,
+loader worker and batch order; each view is stored under its own key (the plain key plus the
+preset, the seed and ``v``), so a run with K=8 reuses the 4 views a K=4 run computed. In
+epoch ``e`` sample ``i`` trains on view :func:`view_choice` of its (seed, epoch, index) seed.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from visiontune.device import autocast
 from visiontune.io import atomic_write
@@ -133,3 +140,68 @@ def load_or_compute(
     features, labels, n_bad = compute(backbone, loader, device, amp_dtype, channels_last, progress)
     save(key, features, labels, n_bad)
     return features, labels, n_bad
+
+
+# --------------------------------------------------------------------------------------------
+# Augmented views
+
+
+def _mix(x: int) -> int:
+    """splitmix64: a well-spread 64-bit hash of an integer (the same on every machine)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def view_seed(seed: int, index: int, view: int) -> int:
+    """The seed that draws view ``view`` of training image ``index`` for run seed ``seed``."""
+    return _mix(_mix(_mix(seed) ^ index) ^ (view + 0x5EED)) % (2**63)
+
+
+def view_choice(sample_seed: int, views: int) -> int:
+    """Which of ``views`` cached views a sample trains on, from its per-epoch sample seed
+    (``train.EpochSampler`` derives that from seed, epoch and index: resume stays exact)."""
+    return _mix(sample_seed) % views
+
+
+class AugmentedViews(Dataset):
+    """Views ``views`` of every item of ``base`` (an image dataset with a random transform),
+    view-major: item ``j`` is view ``views[j // n]`` of image ``j % n``, drawn under
+    :func:`view_seed`.
+
+    The global RNG is forked around each item: seeding here does not disturb other streams.
+    """
+
+    def __init__(self, base: Dataset, seed: int, views: list[int]):
+        self.base, self.seed, self.views = base, seed, list(views)
+        self.n = len(base)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.n * len(self.views)
+
+    def __getitem__(self, j: int):
+        v, i = divmod(j, self.n)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(view_seed(self.seed, i, self.views[v]))
+            return self.base[i]
+
+
+class ViewFeatures(Dataset):
+    """Cached features of K views ``[K, N, D]`` and labels ``[N]``; item ``(i, sample_seed)``
+    (what ``train.EpochSampler`` yields) is view :func:`view_choice` of sample ``i``.
+
+    Only the augmented views are drawn from, never the plain (eval-transform) features: the
+    head then sees what training over images with the same preset shows it, one random
+    augmentation a sample an epoch, and K large tends to exactly that.
+    """
+
+    def __init__(self, views: torch.Tensor, labels: torch.Tensor):
+        self.views, self.labels = views, labels
+
+    def __len__(self) -> int:
+        return self.views.shape[1]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, sample_seed = key
+        return self.views[view_choice(sample_seed, self.views.shape[0]), i], self.labels[i]

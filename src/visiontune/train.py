@@ -386,11 +386,15 @@ def setup_data(job: Job, preprocess) -> None:
     batch = dist.per_rank_batch(cfg.batch_size, group.world_size)
     eval_batch = max(cfg.batch_size, 64)
 
-    def image_loader(split: str, transform, batch: int | None, sampler=None, seeded=False):
+    def image_loader(
+        split: str, transform, batch: int | None, sampler=None, seeded=False, views=None
+    ):
         ds = ImageDataset(
             data.view(), split, transform, decode_size=preprocess.resize_size,
             s3_cache=cfg.s3_cache,
         )  # fmt: skip
+        if views is not None:  # augmented views for the feature cache, each seeded on its own
+            ds = feature_cache.AugmentedViews(ds, cfg.seed, views)
         if batch is None:  # evaluation: the same batches as one process, dealt to the ranks
             sampler = dist.ShardedBatches(len(ds), eval_batch, group.rank, group.world_size)
         return DataLoader(
@@ -425,9 +429,15 @@ def setup_data(job: Job, preprocess) -> None:
             if data.splits.get(split):
                 loader = image_loader(split, eval_transform(preprocess), None)
                 tensors[split] = _cached_features(job, split, loader, preprocess)
-        sampler = EpochSampler(len(tensors["train"]), cfg.seed, **shard)
+        train_set: Dataset = SeededSamples(tensors["train"], seeded=False)
+        if cfg.uses_feature_views:
+            augment = train_transform(preprocess, cfg.augment)
+            train_set = _cached_views(
+                job, preprocess, lambda views: image_loader("train", augment, None, views=views)
+            )
+        sampler = EpochSampler(len(train_set), cfg.seed, **shard)
         train_loader = DataLoader(
-            SeededSamples(tensors["train"], seeded=False),
+            train_set,
             batch_size=batch,
             sampler=sampler,
             collate_fn=_tensor_collate,
@@ -440,43 +450,91 @@ def setup_data(job: Job, preprocess) -> None:
 
         job.loaders = Loaders(train_loader, sampler, feature_loader, model.head, True)
         job.loaders.train_tensors = tensors["train"]
+        if isinstance(train_set, feature_cache.ViewFeatures):  # a probe fits on every view
+            views = train_set.views
+            job.loaders.train_tensors = TensorDataset(
+                views.reshape(-1, views.shape[-1]), train_set.labels.repeat(views.shape[0])
+            )
     s = job.state
     s.step_model, s.uses_feature_cache = job.loaders.step_model, job.loaders.uses_feature_cache
 
 
-def _cached_features(job: Job, split: str, loader: DataLoader, preprocess) -> TensorDataset:
-    """Backbone features of ``split``, from the cache or computed now (with a progress bar)."""
-    cfg, state, rt = job.cfg, job.state, job.runtime
-    key = feature_cache.feature_key(
+def _feature_key(job: Job, split: str, preprocess, **extra: Any) -> str:
+    """The cache key of ``split``'s features: everything that decides them (plus ``extra``)."""
+    cfg = job.cfg
+    return feature_cache.feature_key(
         model=cfg.model,
         weights=feature_cache.weights_key(cfg.weights),
         seed=cfg.seed if cfg.weights == "none" else None,  # a random backbone differs per seed
         preprocess=preprocess.to_dict(),
-        precision=str(rt.amp_dtype),
+        precision=str(job.runtime.amp_dtype),
         data=job.data.view().fingerprint(split),
+        **extra,
     )
+
+
+def _cached_features(job: Job, split: str, loader: DataLoader, preprocess) -> TensorDataset:
+    """Backbone features of ``split``, from the cache or computed now (with a progress bar)."""
+    key = _feature_key(job, split, preprocess)
     found = feature_cache.load(key)
     # Any rank without them (another machine's cache): all compute their shard, then share.
-    computing = job.dist.any(found is None)
-    if computing:
-        state.phase = "features"
-        job.cbs.fire("on_features_start", state, split, job.model.backbone)
-        batches = dist.BatchSizes(loader)
-        with job.progress.task(f"features {split}", loader.batch_sampler.num_samples) as advance:
-            f, y, bad = feature_cache.compute(
-                job.model.backbone, batches, rt.device, rt.amp_dtype, cfg.channels_last, advance
-            )
-        f, y = job.dist.gather_batches([f, y], batches.sizes, loader.batch_sampler.num_batches)
-        bad = sum(job.dist.all_gather(bad))
+    if job.dist.any(found is None):
+        f, y, bad = _compute_features(job, split, f"features {split}", loader)
         if job.dist.local_rank == 0:  # one writer per machine's cache
             feature_cache.save(key, f, y, bad)
-        job.cbs.fire("on_features_end", state, split)
-        state.phase = "init"
     else:
         f, y, bad = found
     if split == "train":
-        state.bad_images += bad
+        job.state.bad_images += bad
     return TensorDataset(f, y)
+
+
+def _compute_features(
+    job: Job, split: str, label: str, loader: DataLoader
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The backbone over ``loader`` (a ``dist.ShardedBatches`` loader): each rank computes its
+    batches, every rank gets all rows in order, and the bad-image count of all."""
+    cfg, state, rt = job.cfg, job.state, job.runtime
+    state.phase = "features"
+    job.cbs.fire("on_features_start", state, split, job.model.backbone)
+    batches = dist.BatchSizes(loader)
+    with job.progress.task(label, loader.batch_sampler.num_samples) as advance:
+        f, y, bad = feature_cache.compute(
+            job.model.backbone, batches, rt.device, rt.amp_dtype, cfg.channels_last, advance
+        )
+    f, y = job.dist.gather_batches([f, y], batches.sizes, loader.batch_sampler.num_batches)
+    bad = sum(job.dist.all_gather(bad))
+    job.cbs.fire("on_features_end", state, split)
+    state.phase = "init"
+    return f, y, bad
+
+
+def _cached_views(
+    job: Job, preprocess, views_loader: Callable[[list[int]], DataLoader]
+) -> feature_cache.ViewFeatures:
+    """Backbone features of ``augment_views`` augmented views of every training image: those
+    in the cache are read, the missing ones computed in one sharded pass and stored, one
+    entry per view (so a later run with more views reuses these)."""
+    cfg = job.cfg
+    keys = [
+        _feature_key(job, "train", preprocess, augment=cfg.augment, view=v, view_seed=cfg.seed)
+        for v in range(cfg.augment_views)
+    ]
+    found = [feature_cache.load(k) for k in keys]
+    # A view any rank lacks is computed by all (each their shard), as for the plain features.
+    missing = [v for v, got in enumerate(found) if job.dist.any(got is None)]
+    if missing:
+        loader = views_loader(missing)
+        span = f"{missing[0] + 1}-{missing[-1] + 1}" if len(missing) > 1 else f"{missing[0] + 1}"
+        f, y, bad = _compute_features(job, "train_views", f"features train views {span}", loader)
+        # View-major rows; a bad image is bad in every view, so each view has the same rows.
+        f, y = f.chunk(len(missing)), y.chunk(len(missing))
+        for j, v in enumerate(missing):
+            found[v] = (f[j], y[j], bad // len(missing))
+            if job.dist.local_rank == 0:
+                feature_cache.save(keys[v], *found[v])
+    labels = found[0][1]
+    return feature_cache.ViewFeatures(torch.stack([f for f, _, _ in found]), labels)
 
 
 def _record_config(job: Job) -> None:
@@ -491,6 +549,8 @@ def _record_config(job: Job) -> None:
     )
     job.run.save_config(cfg)
     what = "cached backbone features" if job.loaders.uses_feature_cache else "images"
+    if job.loaders.uses_feature_cache and cfg.uses_feature_views:
+        what += f", {cfg.augment_views} augmented views ({cfg.augment}) per training image"
     where = f"{rt.device}" if world == 1 else f"{world} processes ({rt.device.type}, torchrun)"
     batch = "" if world == 1 else f" ({cfg.batch_size // world} per process; lr not rescaled)"
     _say(

@@ -67,6 +67,9 @@ def train(
     ),
     ema_decay: float = typer.Option(None, help="EMA decay per step (--weight-averaging ema)."),
     swa_start: float = typer.Option(None, help="Fraction of epochs before averaging starts."),
+    augment_views: int = typer.Option(
+        None, help="Frozen backbone: cache features of K augmented views per image (0: off)."
+    ),
     image_size: int = typer.Option(None, help="Input size (default: the backbone's)."),
     seed: int = typer.Option(None),
     device: str = typer.Option(None, help="auto | cpu | cuda."),

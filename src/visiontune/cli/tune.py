@@ -91,6 +91,9 @@ def tune(
     weights: str = typer.Option(None, help="imagenet | none | PATH (fixed)."),
     trainable: str = typer.Option(None, help="head | all | last:N (fixed)."),
     augment: str = typer.Option(None, help="none | light | strong (fixed)."),
+    augment_views: int = typer.Option(
+        None, help="Cached augmented views per image, frozen backbone (fixed, if not in the space)."
+    ),
     lr: float = typer.Option(None, help="Learning rate (fixed, if not in the space)."),
     batch_size: int = typer.Option(None, help="Batch size (fixed, if not in the space)."),
     epochs: int = typer.Option(None, help="Epochs (fixed, if not in the space)."),
@@ -169,6 +172,7 @@ def tune(
             "weights": weights,
             "trainable": trainable,
             "augment": augment,
+            "augment_views": augment_views,
             "lr": lr,
             "batch_size": batch_size,
             "epochs": epochs,

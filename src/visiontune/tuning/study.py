@@ -283,7 +283,10 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     """
     study, storage_url, study_dir = create_study(settings, fixed, space)
     study_dir.mkdir(parents=True, exist_ok=True)
-    fast = fixed.uses_feature_cache
+    # Trials train on cached features (augmented views too, when the space draws their number).
+    fast = fixed.uses_feature_cache or (
+        fixed.frozen_backbone and fixed.feature_cache and "augment_views" in space.names
+    )
     size = space.size()
     if size is not None and size < settings.max_trials:
         # A configuration never runs twice, so a small finite space caps the study.
