@@ -1187,10 +1187,15 @@ class _Progress:
         if self.console is None:
             return
         star = " *" if best_epoch == m["epoch"] else ""
+        valid = (
+            f"valid loss {m['valid_loss']:.4f} acc {m['valid_accuracy']:.3f} "
+            f"top5 {m['valid_top5']:.3f}"
+            if not math.isnan(m["valid_loss"])
+            else "no valid split (refit)"
+        )
         self.console.print(
             f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f} "
-            f"acc {m['train_accuracy']:.3f}  valid loss {m['valid_loss']:.4f} "
-            f"acc {m['valid_accuracy']:.3f} top5 {m['valid_top5']:.3f}  "
+            f"acc {m['train_accuracy']:.3f}  {valid}  "
             f"lr {m['lr']:.2e}  {m['images_per_sec']:.1f} img/s  {m['epoch_time']:.1f}s{star}",
             highlight=False,
             soft_wrap=True,  # one line per epoch in logs, whatever the terminal width
