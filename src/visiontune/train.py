@@ -1190,7 +1190,7 @@ class _Progress:
         valid = (
             f"valid loss {m['valid_loss']:.4f} acc {m['valid_accuracy']:.3f} "
             f"top5 {m['valid_top5']:.3f}"
-            if not math.isnan(m["valid_loss"])
+            if not math.isnan(m["valid_accuracy"])  # accuracy is NaN only with no valid split
             else "no valid split (refit)"
         )
         self.console.print(
