@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -228,11 +228,13 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
         if any(existing.get(k) != v for k, v in changed.items()):
             study.set_user_attr(ATTR, {**existing, **changed})
+    print(cv.line, file=sys.stderr)  # every check passed: the study starts with this line
     return study, storage_url, study_dir
 
 
 def _plan_cv(settings: TuneSettings, fixed):
-    """Whether trials cross-validate, said in one line (how noisy the plain objective is)."""
+    """Whether trials cross-validate, and the line that says why (how noisy the plain
+    objective is)."""
     from visiontune.tuning.cv import plan_cv
 
     if fixed.cv_folds is not None or fixed.refit:
@@ -242,8 +244,8 @@ def _plan_cv(settings: TuneSettings, fixed):
         )
     plan = plan_cv(settings.cv, fixed)
     prunes = settings.strategy == "hyperband" or settings.early_stopping == "auto"
-    extra = "; pruning is off under CV (a trial's folds all run)" if plan.folds and prunes else ""
-    print(f"{plan.line}{extra}", file=sys.stderr)
+    if plan.folds and prunes:
+        plan = replace(plan, line=f"{plan.line}; pruning is off under CV (a trial's folds all run)")
     return plan
 
 
