@@ -99,6 +99,7 @@ def test_too_many_folds_and_half_set_options_fail_in_one_line(small_data, tmp_pa
 def test_pool_features_are_computed_once_for_every_fold_and_the_refit(
     small_data, tmp_path, monkeypatch
 ):
+    monkeypatch.setenv("VISIONTUNE_HOME", str(tmp_path / "home"))  # an empty feature cache
     computed: list[int] = []
     real = features.compute
 
