@@ -49,6 +49,17 @@ class TrainConfig(BaseModel):
         "cache", description="cache S3 images on local disk on first read, or stream every read"
     )
     limit_per_class: int | None = Field(None, ge=1, description="use at most N images per class")
+    # cross-validation (issue #16): folds of train+valid pooled; the test split is untouched
+    cv_folds: int | None = Field(
+        None, ge=2, description="pool train+valid into K stratified folds (seeded by split_seed)"
+    )
+    cv_fold: int | None = Field(
+        None, ge=0, description="with cv_folds: the fold validated on (the rest train)"
+    )
+    refit: bool = Field(
+        False,
+        description="train on train+valid with no held-out valid; the model is the last epoch",
+    )
 
     # model
     model: str = "efficientnet_lite0"
@@ -172,6 +183,20 @@ class TrainConfig(BaseModel):
         if problem:
             raise ValueError(problem)
         return v
+
+    @model_validator(mode="after")
+    def _cross_validation(self) -> TrainConfig:
+        if (self.cv_folds is None) != (self.cv_fold is None):
+            raise ValueError("cv_folds and cv_fold go together (cv_fold: which fold validates)")
+        if self.cv_folds is not None and self.cv_fold >= self.cv_folds:
+            raise ValueError(
+                f"cv_fold must be below cv_folds ({self.cv_folds}), got {self.cv_fold}"
+            )
+        if self.refit and self.cv_folds is not None:
+            raise ValueError("refit trains on all of train+valid: it takes no cv_folds")
+        if self.refit and self.early_stopping is not None:
+            raise ValueError("refit holds out no valid split to stop early on")
+        return self
 
     @model_validator(mode="after")
     def _monitor_mode(self) -> TrainConfig:

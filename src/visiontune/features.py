@@ -202,6 +202,10 @@ class ViewFeatures(Dataset):
     def __len__(self) -> int:
         return self.views.shape[1]
 
+    def rows(self, rows: list[int]) -> ViewFeatures:
+        """The views of samples ``rows`` only (a cross-validation fold of the pool)."""
+        return ViewFeatures(self.views[:, rows], self.labels[rows])
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         i, sample_seed = key
         return self.views[view_choice(sample_seed, self.views.shape[0]), i], self.labels[i]

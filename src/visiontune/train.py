@@ -55,6 +55,7 @@ from visiontune import dist
 from visiontune import features as feature_cache
 from visiontune.callbacks import Callback, CallbackList, TrainState, resolve_callbacks
 from visiontune.config import Resolved, TrainConfig
+from visiontune.data.splits import POOL
 from visiontune.device import autocast, autocast_dtype, default_workers, resolve_device
 from visiontune.errors import UserError
 from visiontune.evaluate import classification_metrics, collect_logits
@@ -118,6 +119,8 @@ class Data:
 
     index: Any  # visiontune.data.folder.DatasetIndex
     splits: dict[str, list]
+    # Cross-validation or refit: the rows of splits["pool"] that train and valid are.
+    pool_rows: dict[str, list[int]] | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -331,7 +334,7 @@ def _resolve_runtime(cfg: TrainConfig) -> tuple[Runtime, dist.Group]:
 def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
     """Discover the dataset and the splits this run uses (recorded in the run directory)."""
     from visiontune.data.folder import discover
-    from visiontune.data.splits import resolve_splits
+    from visiontune.data.splits import pooled_splits, resolve_splits
 
     index = discover(
         cfg.data,
@@ -344,13 +347,19 @@ def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
     num_classes = len(index.class_ids)
     if num_classes < 2:
         raise UserError(f"{cfg.data} has {num_classes} class; a classifier needs at least 2")
-    splits = resolve_splits(index, cfg.split_seed)
+    pooled = cfg.cv_folds is not None or cfg.refit
+    splits = resolve_splits(index, cfg.split_seed, announce=not pooled)
+    pool_rows = None
+    if pooled:  # cross-validation or refit: folds of train+valid, test untouched
+        splits, pool_rows = pooled_splits(
+            splits, cfg.split_seed, cfg.cv_folds, cfg.cv_fold, index.class_names
+        )
     n_train = len(splits["train"])
     if cfg.batch_size > n_train:
         raise UserError(
             f"batch_size {cfg.batch_size} is larger than the training split ({n_train} images)"
         )
-    return Data(index, splits)
+    return Data(index, splits, pool_rows)
 
 
 def setup_model(job: Job) -> None:
@@ -425,16 +434,24 @@ def setup_data(job: Job, preprocess) -> None:
         )
     else:
         tensors = {}
+        if data.pool_rows is not None:
+            pool_loader = image_loader(POOL, eval_transform(preprocess), None)
+            tensors = _pooled_features(job, pool_loader, preprocess)
         for split in ("train", "valid", "test"):
-            if data.splits.get(split):
+            if data.splits.get(split) and split not in tensors:
                 loader = image_loader(split, eval_transform(preprocess), None)
                 tensors[split] = _cached_features(job, split, loader, preprocess)
         train_set: Dataset = SeededSamples(tensors["train"], seeded=False)
         if cfg.uses_feature_views:
             augment = train_transform(preprocess, cfg.augment)
+            # Under cross-validation the views are the pool's (once for every fold), indexed.
+            where = POOL if data.pool_rows is not None else "train"
             train_set = _cached_views(
-                job, preprocess, lambda views: image_loader("train", augment, None, views=views)
-            )
+                job, where, preprocess,
+                lambda views: image_loader(where, augment, None, views=views),
+            )  # fmt: skip
+            if data.pool_rows is not None:
+                train_set = train_set.rows(data.pool_rows["train"])
         sampler = EpochSampler(len(train_set), cfg.seed, **shard)
         train_loader = DataLoader(
             train_set,
@@ -510,14 +527,15 @@ def _compute_features(
 
 
 def _cached_views(
-    job: Job, preprocess, views_loader: Callable[[list[int]], DataLoader]
+    job: Job, split: str, preprocess, views_loader: Callable[[list[int]], DataLoader]
 ) -> feature_cache.ViewFeatures:
-    """Backbone features of ``augment_views`` augmented views of every training image: those
-    in the cache are read, the missing ones computed in one sharded pass and stored, one
-    entry per view (so a later run with more views reuses these)."""
+    """Backbone features of ``augment_views`` augmented views of every image of ``split``
+    (train, or the train+valid pool under cross-validation): those in the cache are read, the
+    missing ones computed in one sharded pass and stored, one entry per view (so a later run
+    with more views reuses these)."""
     cfg = job.cfg
     keys = [
-        _feature_key(job, "train", preprocess, augment=cfg.augment, view=v, view_seed=cfg.seed)
+        _feature_key(job, split, preprocess, augment=cfg.augment, view=v, view_seed=cfg.seed)
         for v in range(cfg.augment_views)
     ]
     found = [feature_cache.load(k) for k in keys]
@@ -535,6 +553,24 @@ def _cached_views(
                 feature_cache.save(keys[v], *found[v])
     labels = found[0][1]
     return feature_cache.ViewFeatures(torch.stack([f for f, _, _ in found]), labels)
+
+
+def _pooled_features(job: Job, loader: DataLoader, preprocess) -> dict[str, TensorDataset]:
+    """Cross-validation and refit: the features of train+valid pooled, computed once under the
+    pool's content (every fold of every trial reads the same entry), and each split its rows."""
+    pool = _cached_features(job, POOL, loader, preprocess)
+    n = len(job.data.splits[POOL])
+    if len(pool) != n:
+        raise UserError(
+            f"{n - len(pool)} image(s) of train+valid could not be decoded, so the folds cannot "
+            f"index the pool's features; run `visiontune data check {job.cfg.data}` and remove them"
+        )
+    features, labels = pool.tensors
+    return {
+        split: TensorDataset(features[rows], labels[rows])
+        for split, rows in job.data.pool_rows.items()
+        if rows
+    }
 
 
 def _record_config(job: Job) -> None:
@@ -819,6 +855,8 @@ def _probe_epoch(job: Job) -> None:
 def validate(job: Job, split: str) -> dict[str, Any]:
     """Metrics of the model on ``split`` (evaluation events fire around it); once weight
     averaging has started, of the averaged weights."""
+    if not job.data.splits.get(split):
+        return {}  # a refit holds nothing out: no validation metrics
     state, rt, previous = job.state, job.runtime, job.state.phase
     state.phase, state.eval_split = "eval", split
     job.cbs.fire("on_evaluation_start", state, split)
@@ -881,7 +919,7 @@ def end_epoch(job: Job, valid: dict[str, Any]) -> None:
             f"monitor {cfg.monitor!r} is not a logged metric "
             f"(one of: {', '.join(k for k in metrics if k != 'epoch')})"
         )
-    _log_epoch(job.run, state.step, metrics)
+    _log_epoch(job.run, state.step, metrics, logged_valid=bool(valid))
     state.history.append(metrics)
     state.last_metrics = metrics
     value = metrics[cfg.monitor]
@@ -889,7 +927,10 @@ def end_epoch(job: Job, valid: dict[str, Any]) -> None:
     # With weight averaging, only averaged epochs may be exported: earlier ones are logged but
     # are not candidates for the best epoch (nor count towards early stopping).
     candidate = averager is None or averager.active(state.epoch)
-    if candidate and (state.best_value is None or job.opt.better(value, state.best_value)):
+    if cfg.refit:
+        # Nothing held out to choose by: the model is the last epoch (CV chose the epoch count).
+        state.best_value, state.best_epoch, state.stale_epochs = None, state.epoch + 1, 0
+    elif candidate and (state.best_value is None or job.opt.better(value, state.best_value)):
         state.best_value, state.best_epoch, state.stale_epochs = value, state.epoch + 1, 0
         if averager is None:
             job.run.save_best(job.model.state_dict())
@@ -919,14 +960,21 @@ def export_best(job: Job, preprocess) -> TrainResult:
     cfg, state, run, model = job.cfg, job.state, job.run, job.model
     state.phase = "export"
     job.cbs.fire("on_export_start", state)
-    best = job.dist.on_main(run.load_best)  # only rank 0 has the file
+    # A refit keeps its last epoch (nothing held out to choose by); only rank 0 has the file.
+    best = None if cfg.refit else job.dist.on_main(run.load_best)
     if best is not None:
         device = next(model.parameters()).device
         model.load_state_dict({k: v.to(device) for k, v in best.items()})
+    elif cfg.refit and job.averager is not None and job.averager.active(state.epoch - 1):
+        # a refit exports its last epoch's averaged weights
+        model.load_state_dict(
+            merged_state_dict(model, job.averager.module, job.averager.averaged_module)
+        )
     # The best weights (averaged ones under weight averaging) are now the model's: evaluate and
     # export them, not the running average.
     job.averager = None
-    split = "test" if job.data.splits.get("test") else "valid"
+    # test; else valid; else (a refit with no test split) train, and the file name says so
+    split = next(s for s in ("test", "valid", "train") if job.data.splits.get(s))
     test_metrics = validate(job, split)
     test_metrics["split"] = split
     test_metrics["misclassified"] = _misclassified(job, split, *job.last_eval)
@@ -938,7 +986,16 @@ def export_best(job: Job, preprocess) -> TrainResult:
         **{f"{split}_{k}": test_metrics.get(k) for k in ("accuracy", "top5", "loss")},
         "valid_accuracy": best_metrics.get("valid_accuracy"),
         "bad_images": state.bad_images,
+        "train_images": len(job.data.splits["train"]),
     }
+    if cfg.cv_folds is not None:
+        summary.update(cv_folds=cfg.cv_folds, cv_fold=cfg.cv_fold)
+    if cfg.refit:
+        summary.update(refit=True, valid_accuracy=None)
+        summary["model_epoch"] = (
+            "last: trained on train+valid with nothing held out, for the epoch count chosen by "
+            "cross-validation"
+        )
     model.to("cpu").to(memory_format=torch.contiguous_format)
     model_dir = run.save_model(
         model,
@@ -1004,7 +1061,7 @@ def _agreed_signal(job: Job) -> int:
     return job.dist.agree_max(job.signals[0] if job.signals else 0)
 
 
-def _log_epoch(run: RunDir, step: int, m: dict[str, float]) -> None:
+def _log_epoch(run: RunDir, step: int, m: dict[str, float], logged_valid: bool = True) -> None:
     epoch = m["epoch"]
     run.append_metrics(
         {
@@ -1018,6 +1075,8 @@ def _log_epoch(run: RunDir, step: int, m: dict[str, float]) -> None:
             "epoch_time": m["epoch_time"],
         }
     )
+    if not logged_valid:  # a refit has no valid split: no row of NaNs
+        return
     run.append_metrics(
         {
             "step": step,
@@ -1309,10 +1368,15 @@ class _Progress:
         if self.console is None:
             return
         star = " *" if best_epoch == m["epoch"] else ""
+        valid = (
+            f"valid loss {m['valid_loss']:.4f} acc {m['valid_accuracy']:.3f} "
+            f"top5 {m['valid_top5']:.3f}"
+            if not math.isnan(m["valid_accuracy"])  # accuracy is NaN only with no valid split
+            else "no valid split (refit)"
+        )
         self.console.print(
             f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f} "
-            f"acc {m['train_accuracy']:.3f}  valid loss {m['valid_loss']:.4f} "
-            f"acc {m['valid_accuracy']:.3f} top5 {m['valid_top5']:.3f}  "
+            f"acc {m['train_accuracy']:.3f}  {valid}  "
             f"lr {m['lr']:.2e}  {m['images_per_sec']:.1f} img/s  {m['epoch_time']:.1f}s{star}",
             highlight=False,
             soft_wrap=True,  # one line per epoch in logs, whatever the terminal width

@@ -86,6 +86,13 @@ def tune(
         help="What finished trials keep: models (of complete and pruned trials; checkpoints "
         "dropped) | best (the best trial's model only) | all | none.",
     ),
+    cv: str = typer.Option(
+        "auto",
+        "--cv",
+        help="Cross-validated objective: K folds of train+valid per trial (--train-best then "
+        "refits on train+valid) | 0 (off) | auto (on when valid has < 20 images per class "
+        "and trials train on cached features).",
+    ),
     seed: int = typer.Option(None, help="Seed of training and of the sampler."),
     model: str = typer.Option(None, help="Backbone (fixed)."),
     weights: str = typer.Option(None, help="imagenet | none | PATH (fixed)."),
@@ -203,6 +210,7 @@ def tune(
             warm_start=list(warm_start or []),
             train_best=train_best,
             keep_checkpoints=keep_checkpoints,
+            cv=_cv_option(cv),
         )
     except Exception as e:  # pydantic: a bad --strategy or --direction
         from pydantic import ValidationError
@@ -245,6 +253,18 @@ def tune(
         typer.echo(f"report: {result.report}")
     if result.best_run:
         typer.echo(f"final model trained in {result.best_run}")
+
+
+def _cv_option(value: str) -> int | str:
+    """``--cv auto`` or a number of folds (0: off)."""
+    from visiontune.errors import UserError
+
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--cv must be auto, 0 (off) or a number of folds, got {value!r}") from None
 
 
 @tune_app.command()

@@ -11,6 +11,8 @@ evaluate and ``data check`` all call it:
   changed);
 - :func:`resolve_splits`: the splits a run trains on, with ``valid`` carved out of ``train``
   when the dataset has none;
+- :func:`pooled_splits`: train+valid pooled for cross-validation (stratified, seeded folds)
+  or for a refit on both; the test split is never pooled;
 - :func:`find_split_record` / :func:`export_split_record`: the record travels with the model,
   so ``evaluate`` sees the split that training used.
 
@@ -284,6 +286,90 @@ def resolve_splits(index: Any, seed: int, *, announce: bool = True) -> SplitItem
                 file=sys.stderr,
             )
     return splits
+
+
+# The pool of a cross-validated (or refit) run, under this split name: its features are cached
+# once under the pool's content and every fold indexes into them.
+POOL = "pool"
+
+
+def cv_pool(splits: SplitItems) -> list[tuple[str, int]]:
+    """train + valid pooled, in one canonical order (the order the pool's features are in)."""
+    return sorted([*splits.get("train", []), *splits.get("valid", [])])
+
+
+def fewest_per_class(items: Sequence[tuple[str, int]]) -> int:
+    """The image count of the smallest class among ``items`` (0 for none)."""
+    counts: dict[int, int] = {}
+    for _, label in items:
+        counts[label] = counts.get(label, 0) + 1
+    return min(counts.values(), default=0)
+
+
+def assign_folds(
+    pool: Sequence[tuple[str, int]], k: int, seed: int, class_names: Sequence[str] = ()
+) -> list[int]:
+    """The fold (0..k-1) of each pool item: stratified and seeded.
+
+    Each class is shuffled by (seed, class) and dealt round-robin, starting where the previous
+    class stopped, so every fold holds ``n_c // k`` or one more images of each class and the
+    folds differ in size by at most one image.
+
+    Raises:
+        UserError: a class has fewer than ``k`` images (some fold would lack it).
+    """
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(pool):
+        by_class.setdefault(label, []).append(i)
+    smallest = min(by_class, key=lambda c: len(by_class[c]), default=None)
+    if smallest is None or len(by_class[smallest]) < k:
+        have = len(by_class[smallest]) if smallest is not None else 0
+        if smallest is not None and smallest < len(class_names):
+            smallest = class_names[smallest]
+        raise UserError(
+            f"{k}-fold cross-validation needs at least {k} images of each class in train+valid; "
+            f"class {smallest} has {have}: use fewer folds"
+        )
+    folds = [0] * len(pool)
+    offset = 0
+    for label in sorted(by_class):
+        members = list(by_class[label])  # pool order: sorted by path
+        random.Random(f"{seed}/cv/{label}").shuffle(members)
+        for j, i in enumerate(members):
+            folds[i] = (offset + j) % k
+        offset += len(members)
+    return folds
+
+
+def pooled_splits(
+    splits: SplitItems,
+    seed: int,
+    folds: int | None = None,
+    fold: int | None = None,
+    class_names: Sequence[str] = (),
+) -> tuple[SplitItems, dict[str, list[int]]]:
+    """train+valid pooled: for fold ``fold`` of ``folds`` (cross-validation), or all of it for
+    training (a refit, ``folds=None``: no held-out valid).
+
+    Returns:
+        ``(splits, rows)``: the splits with ``train`` and ``valid`` drawn from the pool (kept
+        under :data:`POOL`; ``test`` unchanged), and for ``train``/``valid`` the rows of the
+        pool they are.
+    """
+    pool = cv_pool(splits)
+    if folds is None:
+        rows = {"train": list(range(len(pool))), "valid": []}
+    else:
+        which = assign_folds(pool, folds, seed, class_names)
+        rows = {
+            "train": [i for i, f in enumerate(which) if f != fold],
+            "valid": [i for i, f in enumerate(which) if f == fold],
+        }
+    out = dict(splits)
+    out[POOL] = pool
+    for name, idx in rows.items():
+        out[name] = [pool[i] for i in idx]
+    return out, rows
 
 
 def find_split_record(model_dir: str | os.PathLike) -> Path | None:

@@ -43,6 +43,13 @@ FAIL_REASON = "fail_reason"
 WARM_START = "warm_start"  # set on seeds copied from an earlier study; they use no budget
 USED_FEATURE_CACHE = "used_feature_cache"
 BEST_EPOCH = "best_epoch"
+# A cross-validated trial (visiontune.tuning.cv): each fold's objective in fold order, their
+# mean (the trial's value), their sample standard deviation (the spread the report shows), and
+# each fold's best epoch.
+CV_VALUES = "cv_values"
+CV_MEAN = "cv_mean"
+CV_STD = "cv_std"
+CV_BEST_EPOCHS = "cv_best_epochs"
 
 # What a worker adds to the study config it hands its objective (this machine's choices, not
 # stored in the study): processes per trial (--trial-nproc) and the worker's --parallel index.

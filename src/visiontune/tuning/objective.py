@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from visiontune.errors import UserError
 from visiontune.tuning._base import (
     BEST_EPOCH,
     COUNTED,
+    CV_BEST_EPOCHS,
+    CV_MEAN,
     DURATION_S,
     EPOCHS_RUN,
     FAIL_REASON,
@@ -50,6 +53,7 @@ class Objective:
         self.space = parse_space(cfg["space"])
         self.study_dir = study_dir
         self.prune = cfg["strategy"] == "hyperband" or cfg["early_stopping"] == "auto"
+        self.cv = int(cfg.get("cv") or 0)  # folds per trial; 0: plain validation
 
     def __call__(self, trial) -> float:
         import optuna
@@ -65,6 +69,8 @@ class Objective:
         trial.set_user_attr(RUN_DIR, str(run_dir))
         trial.set_user_attr(HOST, socket.gethostname())
         trial.set_user_attr(PID, os.getpid())
+        if self.cv:
+            return self._run_folds(trial, params, run_dir)
         cfg = build_config(
             TrainConfig,
             None,
@@ -90,17 +96,11 @@ class Objective:
                 )
             else:
                 result = train(cfg, [reporter])
-        except (RuntimeError, MemoryError) as e:
-            if isinstance(e, MemoryError) or is_oom(str(e)):
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                reason = f"out of memory: {first}"
-                trial.set_user_attr(FAIL_REASON, reason[:500])
-                raise TrialFailed(reason) from e
-            raise
-        except UserError as e:
-            # A combination only this point of the space hits (checked options pass alone).
-            trial.set_user_attr(FAIL_REASON, str(e)[:500])
-            raise TrialFailed(str(e)) from e
+        except (RuntimeError, MemoryError, UserError) as e:
+            failure = _record_failure(trial, e)
+            if failure is None:
+                raise
+            raise failure from e
         duration = time.perf_counter() - t0
         trial.set_user_attr(EPOCHS_RUN, len(result.history))
         trial.set_user_attr(DURATION_S, round(duration, 3))
@@ -119,6 +119,83 @@ class Objective:
             trial.set_user_attr(FAIL_REASON, f"objective {objective} is {value} (diverged?)")
             raise TrialFailed(f"objective {objective} is {value}")
         return float(value)
+
+    def _run_folds(self, trial, params: dict[str, Any], run_dir: Path) -> float:
+        """A cross-validated trial: one training run per fold (``run_dir/fold-i``), each on the
+        other folds of train+valid; the objective is the mean of the folds' values.
+
+        A fold's value is its last epoch's objective, not its best epoch's: the final model is
+        refit on train+valid for the trial's epoch count (nothing is held out to pick an epoch
+        by), so the folds measure exactly that. No pruning: a trial's folds run to the end
+        (each is a cheap run on cached features, and a part-mean of folds is no fair ranking).
+        """
+        from visiontune.config import TrainConfig, build_config
+        from visiontune.train import train
+        from visiontune.tuning.cv import fold_summary
+
+        objective = self.cfg["objective"]
+        values, best_epochs, epochs_run, first_model = [], [], 0, None
+        last: dict[str, list[float]] = {"valid_loss": [], "valid_accuracy": []}
+        t0 = time.perf_counter()
+        used_cache = True
+        for fold in range(self.cv):
+            values_for = {
+                **self.cfg["fixed"],
+                **params,
+                "output": str(run_dir / f"fold-{fold}"),
+                "cv_folds": self.cv,
+                "cv_fold": fold,
+                "monitor": objective,
+                "monitor_mode": "min" if self.cfg["direction"] == "minimize" else "max",
+                "progress": False,
+                "report": False,
+            }
+            try:
+                result = train(build_config(TrainConfig, None, values_for))
+            except (RuntimeError, MemoryError, UserError) as e:
+                failure = _record_failure(trial, e)
+                if failure is None:
+                    raise
+                raise failure from e
+            value = result.history[-1].get(objective) if result.history else None
+            if value is None or not math.isfinite(float(value)):
+                reason = f"objective {objective} is {value} in fold {fold} (diverged?)"
+                trial.set_user_attr(FAIL_REASON, reason)
+                raise TrialFailed(reason)
+            values.append(float(value))
+            for key, seen in last.items():
+                seen.append(float(result.history[-1][key]))
+            best_epochs.append(result.best_epoch)
+            epochs_run = max(epochs_run, len(result.history))
+            used_cache = used_cache and bool(result.used_feature_cache)
+            first_model = first_model or result.model_dir
+        summary = fold_summary(values)
+        for key, v in summary.items():
+            trial.set_user_attr(key, v)
+        for key, seen in last.items():  # both metrics, whichever is the objective
+            trial.set_user_attr(key, statistics.fmean(seen))
+        trial.set_user_attr(CV_BEST_EPOCHS, best_epochs)
+        trial.set_user_attr(EPOCHS_RUN, epochs_run)
+        trial.set_user_attr(DURATION_S, round(time.perf_counter() - t0, 3))
+        trial.set_user_attr(USED_FEATURE_CACHE, used_cache)
+        # Fold 0's model stands for the trial; the final model is refit by --train-best.
+        trial.set_user_attr(MODEL_DIR, str(first_model) if first_model else None)
+        return summary[CV_MEAN]
+
+
+def _record_failure(trial, e: BaseException) -> TrialFailed | None:
+    """A training failure that ends the trial, not the study (recorded on the trial), or
+    ``None`` for a bug, which keeps its traceback."""
+    if isinstance(e, UserError):
+        # A combination only this point of the space hits (checked options pass alone).
+        trial.set_user_attr(FAIL_REASON, str(e)[:500])
+        return TrialFailed(str(e))
+    if isinstance(e, MemoryError) or is_oom(str(e)):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = f"out of memory: {first}"
+        trial.set_user_attr(FAIL_REASON, reason[:500])
+        return TrialFailed(reason)
+    return None
 
 
 def is_oom(message: str) -> bool:
@@ -208,9 +285,11 @@ def tidy_trial_dirs(study, study_dir: Path, keep: str) -> list[Path]:
         keep_model = (keep == "models" and state_of(t) in COUNTED) or (
             best is not None and t.number == best.number
         )
-        doomed = [Path(run_dir) / "checkpoints"]
+        # A cross-validated trial trained one run per fold, in run_dir/fold-i.
+        runs = [Path(run_dir), *sorted(Path(run_dir).glob("fold-*"))]
+        doomed = [r / "checkpoints" for r in runs]
         if not keep_model:
-            doomed.append(Path(run_dir) / "model")
+            doomed += [r / "model" for r in runs]
         for d in doomed:
             if d.is_dir():
                 shutil.rmtree(d, ignore_errors=True)

@@ -86,6 +86,15 @@ def render_report(study) -> str:
         )
     )
     counts_txt = ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items()))
+    cv_html = ""
+    if cfg.get("cv_note"):
+        folds = (
+            f"Each trial's objective is the mean over {cfg['cv']} folds of train+valid; the "
+            "objective column shows the folds' standard deviation. "
+            if cfg.get("cv")
+            else ""
+        )
+        cv_html = f"{html.escape(folds + cfg['cv_note'])}.<br>"
     space_txt = html.escape(", ".join(f"{k}: {v}" for k, v in cfg["space"].items()))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -100,7 +109,7 @@ th {{ background: #f4f4f4; }} code {{ background: #f4f4f4; padding: 1px 4px; }}
 <p>{html.escape(cfg["strategy"])} search, {html.escape(cfg["direction"])}
 {html.escape(cfg["objective"])}, early stopping {html.escape(cfg["early_stopping"])};
 budget {cfg["max_trials"]} trials; trials: {html.escape(counts_txt)}.<br>
-Space: {space_txt}<br>Generated {dt.datetime.now().isoformat(timespec="seconds")}.</p>
+Space: {space_txt}<br>{cv_html}Generated {dt.datetime.now().isoformat(timespec="seconds")}.</p>
 {best_html}
 {"".join(parts)}
 <h2>Trials</h2>

@@ -30,7 +30,9 @@ from visiontune.errors import UserError
 _ENUMERATE_UP_TO = 100_000
 
 # Options the tuner owns: tuning them would make trials overwrite each other or lose the study.
-RESERVED = ("data", "output", "monitor", "monitor_mode", "progress")
+RESERVED = (
+    "data", "output", "monitor", "monitor_mode", "progress", "cv_folds", "cv_fold", "refit"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from visiontune.errors import UserError
 from visiontune.tuning._base import (
@@ -79,6 +79,18 @@ class TuneSettings(BaseModel):
     )
     train_best: bool = False
     report: bool = True
+    cv: int | Literal["auto"] = Field(
+        "auto",
+        description="K-fold cross-validated objective: auto (on for a small valid split), "
+        "0 (off) or K (see visiontune.tuning.cv)",
+    )
+
+    @field_validator("cv")
+    @classmethod
+    def _folds(cls, v: int | str) -> int | str:
+        if v != "auto" and (v < 0 or v == 1):
+            raise ValueError(f"must be auto, 0 (off) or a number of folds >= 2, got {v}")
+        return v
 
     def resolved_study_dir(self) -> Path:
         """``--study-dir``, or the default directory of the study."""
@@ -177,6 +189,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         check_distributed_trials(
             {"fixed": fixed_values}, space, settings.parallel, settings.trial_nproc
         )
+    cv = _plan_cv(settings, fixed)
     study_dir = settings.resolved_study_dir()
     storage_url = settings.storage or default_storage(study_dir)
     storage = open_storage(storage_url, heartbeat=settings.heartbeat, max_retry=settings.max_retry)
@@ -193,6 +206,8 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         "keep_checkpoints": settings.keep_checkpoints,
         "seed": fixed.seed if settings.seed is None else settings.seed,
         "max_retry": settings.max_retry,
+        "cv": cv.folds,  # folds per trial (0: plain validation); see visiontune.tuning.cv
+        "cv_note": cv.line,
     }
     with quiet_optuna():
         try:
@@ -212,8 +227,9 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         study.set_user_attr(ATTR, payload)
         _warm_start(study, settings, space, storage_url)
     else:
-        for key in ("fixed", "space", "objective", "direction", "strategy", "early_stopping"):
-            if existing.get(key) != payload[key]:
+        for key in ("fixed", "space", "objective", "direction", "strategy", "early_stopping", "cv"):
+            # A study from before cross-validation has no "cv": it validated plainly.
+            if existing.get(key, 0 if key == "cv" else None) != payload[key]:
                 raise UserError(
                     f"study {settings.study!r} already exists with a different {key}; "
                     f"continue it with the same options, or start a new one with --study NAME"
@@ -222,7 +238,25 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
         if any(existing.get(k) != v for k, v in changed.items()):
             study.set_user_attr(ATTR, {**existing, **changed})
+    print(cv.line, file=sys.stderr)  # every check passed: the study starts with this line
     return study, storage_url, study_dir
+
+
+def _plan_cv(settings: TuneSettings, fixed):
+    """Whether trials cross-validate, and the line that says why (how noisy the plain
+    objective is)."""
+    from visiontune.tuning.cv import plan_cv
+
+    if fixed.cv_folds is not None or fixed.refit:
+        raise UserError(
+            "cv_folds, cv_fold and refit are set by the tuner: use --cv K to cross-validate "
+            "a study (--train-best then refits)"
+        )
+    plan = plan_cv(settings.cv, fixed)
+    prunes = settings.strategy == "hyperband" or settings.early_stopping == "auto"
+    if plan.folds and prunes:
+        plan = replace(plan, line=f"{plan.line}; pruning is off under CV (a trial's folds all run)")
+    return plan
 
 
 def _warm_start(study, settings: TuneSettings, space: SearchSpace, storage_url: str) -> None:
@@ -440,9 +474,12 @@ def train_best(study, output: Path) -> Path:
     from visiontune.train import train
 
     cfg = study_config(study)
+    # A cross-validated study chose the hyperparameters (epochs included) on folds of
+    # train+valid: the final model trains on all of it (refit) and is judged on test.
+    refit = {"refit": True} if cfg.get("cv") else {}
 
     def run(t) -> Any:
-        values = {**cfg["fixed"], **t.params, "output": str(output)}
+        values = {**cfg["fixed"], **t.params, **refit, "output": str(output)}
         return train(build_config(TrainConfig, None, values))
 
     retrain_best(study, output, "model", run)
