@@ -253,6 +253,11 @@ def _plan_cv(settings: TuneSettings, fixed):
             "a study (--train-best then refits)"
         )
     plan = plan_cv(settings.cv, fixed)
+    if plan.folds and settings.trial_nproc != 1:
+        raise UserError(
+            f"--trial-nproc {settings.trial_nproc} with cross-validation: a fold trains on "
+            "cached features in one process; use --parallel for more trials at once, or --cv 0"
+        )
     prunes = settings.strategy == "hyperband" or settings.early_stopping == "auto"
     if plan.folds and prunes:
         plan = replace(plan, line=f"{plan.line}; pruning is off under CV (a trial's folds all run)")
