@@ -49,6 +49,11 @@ class TrainConfig(BaseModel):
         "cache", description="cache S3 images on local disk on first read, or stream every read"
     )
     limit_per_class: int | None = Field(None, ge=1, description="use at most N images per class")
+    small_data_defaults: bool = Field(
+        True,
+        description="with < 20 training images per class, change the options left at default "
+        "that small data calls for (batch, cached views, label smoothing, epochs), said in one line",
+    )
     # cross-validation (issue #16): folds of train+valid pooled; the test split is untouched
     cv_folds: int | None = Field(
         None, ge=2, description="pool train+valid into K stratified folds (seeded by split_seed)"

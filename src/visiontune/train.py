@@ -230,6 +230,7 @@ def train(
         with run.starting():  # a start that fails here leaves no run folder behind
             run.record_job(dist.job_id())  # how a group torchrun restarts finds its own run
             job.data = group.on_main(lambda: load_data(cfg, run, resume))
+            cfg = _small_data_defaults(job)
             setup_model(job)
         job.cbs.fire("on_train_start", state)
         setup_data(job, preprocess)
@@ -354,12 +355,24 @@ def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
         splits, pool_rows = pooled_splits(
             splits, cfg.split_seed, cfg.cv_folds, cfg.cv_fold, index.class_names
         )
-    n_train = len(splits["train"])
+    return Data(index, splits, pool_rows)
+
+
+def _small_data_defaults(job: Job) -> TrainConfig:
+    """On a small data set, the options the user left at default that small data changes
+    (``visiontune.smalldata``), said in one line; then the batch must fit the training split."""
+    from visiontune import smalldata
+
+    n_train = len(job.data.splits["train"])
+    cfg, line = smalldata.apply(job.cfg, n_train, job.data.num_classes)
+    if line:
+        _say(job, line)
+        job.cfg = job.state.config = cfg
     if cfg.batch_size > n_train:
         raise UserError(
             f"batch_size {cfg.batch_size} is larger than the training split ({n_train} images)"
         )
-    return Data(index, splits, pool_rows)
+    return cfg
 
 
 def setup_model(job: Job) -> None:

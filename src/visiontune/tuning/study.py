@@ -180,6 +180,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_objective(settings.objective)
+    fixed, space, small_lines = _small_data(fixed, space)
     fixed_values = _fixed_for_storage(fixed)
     space.validate(fixed_values)
     if settings.strategy == "grid":
@@ -238,8 +239,29 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
         if any(existing.get(k) != v for k, v in changed.items()):
             study.set_user_attr(ATTR, {**existing, **changed})
-    print(cv.line, file=sys.stderr)  # every check passed: the study starts with this line
+    for line in (*small_lines, cv.line):  # every check passed: the study starts with these
+        print(line, file=sys.stderr)
     return study, storage_url, study_dir
+
+
+def _small_data(fixed, space: SearchSpace):
+    """The study's fixed options and space on a small data set (``visiontune.smalldata``) and
+    the lines that say what changed (none: unchanged)."""
+    from visiontune import smalldata
+
+    n_train, classes = smalldata.training_size(fixed)
+    fixed, line = smalldata.apply(fixed, n_train, classes, tuned=space.names)
+    space, space_line = smalldata.small_space(space, fixed, n_train, classes)
+    return fixed, space, [said for said in (line, space_line) if said]
+
+
+def _stored_options(study):
+    """The fixed options (a ``TrainConfig``) and the space a study stored."""
+    from visiontune.config import TrainConfig, build_config
+    from visiontune.tuning.space import parse_space
+
+    stored = study.user_attrs[ATTR]
+    return build_config(TrainConfig, None, stored["fixed"]), parse_space(stored["space"])
 
 
 def _plan_cv(settings: TuneSettings, fixed):
@@ -321,6 +343,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
         UserError: bad input (before any trial), or every worker failed.
     """
     study, storage_url, study_dir = create_study(settings, fixed, space)
+    fixed, space = _stored_options(study)  # with what small data changed (create_study)
     study_dir.mkdir(parents=True, exist_ok=True)
     # Trials train on cached features (augmented views too, when the space draws their number).
     fast = fixed.uses_feature_cache or (
