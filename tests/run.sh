@@ -2,11 +2,12 @@
 # The whole test suite: one pytest process per test folder, every folder run even when an
 # earlier one fails, exit status non-zero if any failed. Extra arguments go to each pytest.
 #
-# Why not one process: after most of the suite has run in a single pytest process (torchrun
-# launched in-process, uvicorn/uvloop servers, onnxruntime/OpenVINO/Arrow thread pools, some
-# 350 threads), that process has died of a SIGSEGV raised while the kernel delivered a signal
-# to its main thread (seen under gdb: the main thread in a lock wait, not in faulting code).
-# Every folder passes on its own and in the combinations tried; the cause is not found yet.
+# Why one process per folder: a single pytest process for the whole suite (torchrun launched
+# in-process, uvicorn/uvloop servers, onnxruntime/OpenVINO/Arrow thread pools, some 350
+# threads) piles up process-wide state that no one test owns. It used to die of a SIGSEGV
+# raised while the kernel delivered a signal to its main thread: OpenVINO's CPU plugin had left
+# that thread on a freed alternate signal stack, and torch's DataLoader SIGCHLD handler ran on
+# it when a child exited (fixed in serving/runtimes.py; tests/serving/test_openvino_signals.py).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -7,7 +7,9 @@ in ``tests/serving/test_runtimes.py``; a new runtime is one entry in :data:`RUNT
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,14 +162,50 @@ class OpenVinoRuntime:
             "PERFORMANCE_HINT": "LATENCY",
         }
         core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        self.request = self.compiled.create_infer_request()
+        with _signal_stack_kept():
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            self.request = self.compiled.create_infer_request()
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
         # One infer request: the batcher calls predict from one thread at a time.
         logits = self.request.infer({0: x})[self.compiled.output(0)]
         return torch.softmax(torch.from_numpy(logits.copy()).float(), dim=1)
+
+
+@contextlib.contextmanager
+def _signal_stack_kept():
+    """Give the calling thread back its own alternate signal stack when the block ends.
+
+    OpenVINO's CPU plugin (2026.4) installs an alternate signal stack of its own on the thread
+    that compiles a model, and reinstalls the one it found when that model is freed. Two models
+    freed in the order they were made leave the thread on the first one's stack, already
+    unmapped; the next signal handled on that thread (torch's DataLoader SIGCHLD handler, as
+    soon as any child process exits) then kills the process with SIGSEGV, before any Python or
+    faulthandler code runs. With the thread's own stack back in place, the plugin's later
+    reinstall puts back that same, live stack.
+    """
+    if sys.platform != "linux":
+        yield
+        return
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = (
+            ("ss_sp", ctypes.c_void_p),
+            ("ss_flags", ctypes.c_int),
+            ("ss_size", ctypes.c_size_t),
+        )
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = StackT()
+    if libc.sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(before), None)
 
 
 def onnx_file_for(model_dir: Path, loaded) -> Path:
