@@ -91,13 +91,14 @@ def test_a_study_of_distributed_trials_finishes_and_each_value_is_its_run(study,
         assert t.user_attrs["best_epoch"] == min(losses, key=losses.get)
         assert t.user_attrs["epochs_run"] == 2
         assert (run / "model" / "model.json").is_file()
-        # Rank 0 alone wrote the run dir: the very files a one-process run of the same config
-        # writes (checkpoints aside: finished trials drop them).
-        cfg = build_config(TrainConfig, run / "config.yaml",
-                           {"output": str(tmp_path / run.name), "resolved": None})  # fmt: skip
-        one = train(cfg)
-        want = {f for f in _files(one.run_dir) if not f.startswith("checkpoints/")}
-        assert _files(run) == want
+    # Rank 0 alone wrote the run dirs: the very files a one-process run of the same config
+    # writes (checkpoints aside: finished trials drop them; one epoch writes the same files).
+    run = Path(done[0].user_attrs["run_dir"])
+    cfg = build_config(TrainConfig, run / "config.yaml",
+                       {"output": str(tmp_path / "one"), "resolved": None, "epochs": 1})  # fmt: skip
+    want = {f for f in _files(train(cfg).run_dir) if not f.startswith("checkpoints/")}
+    for t in done:
+        assert _files(Path(t.user_attrs["run_dir"])) == want
 
 
 def test_a_trial_whose_rank_dies_fails_in_one_line_and_the_study_goes_on(study):

@@ -173,21 +173,34 @@ def train_on_torchrun(
         echo = threading.Thread(target=_echo_stderr, args=(proc.stderr, errors), daemon=True)
         echo.start()
         follower = MetricsFollower(run_dir / "metrics.jsonl")
+        stopped_by = None
         try:
-            while True:
-                finished = proc.poll() is not None  # before reading: the last lines are in
-                for metrics in follower.new_epochs():
-                    pruned = report_epoch(reporter, cfg, metrics)
-                    if prune:
-                        _write_verdict(control, int(metrics["epoch"]), pruned)
-                if finished:
-                    break
-                time.sleep(POLL_S)
-        except BaseException:  # Ctrl-C, SIGTERM of the worker, a bug: the job goes too
+            with _signals_raise():
+                try:
+                    while True:
+                        finished = proc.poll() is not None  # read after: the last lines are in
+                        for metrics in follower.new_epochs():
+                            pruned = report_epoch(reporter, cfg, metrics)
+                            if prune:
+                                _write_verdict(control, int(metrics["epoch"]), pruned)
+                        if finished:
+                            break
+                        time.sleep(POLL_S)
+                except _Signalled as e:
+                    stopped_by = e.signum
+                except KeyboardInterrupt:
+                    stopped_by = signal.SIGINT
+        except BaseException:  # a bug: the job must not outlive it
             _stop(proc)
             raise
         finally:
+            if stopped_by is not None:
+                _stop(proc)  # its ranks checkpoint and exit, as an in-process trial does
             echo.join(timeout=30)
+    if stopped_by is not None:
+        from visiontune.train import TrainingInterrupted
+
+        raise TrainingInterrupted(run_dir, stopped_by)
     if proc.returncode != 0:
         reason = failure_reason(proc.returncode, errors)
         trial.set_user_attr(FAIL_REASON, reason[:500])
@@ -342,13 +355,39 @@ def _die_with_parent() -> None:
 
 def _echo_stderr(stream, errors: list[str]) -> None:
     """Pass the job's output on to the worker's stderr, keeping its ``error:`` lines apart: the
-    last one becomes the trial's failure reason (the worker prints it with the trial)."""
+    last one becomes the trial's failure reason (the worker prints it with the trial). Its
+    ``stopped:`` line (resume with ``visiontune train --resume``) is not for a study, which
+    says itself how to continue."""
     for line in stream:
         if line.startswith("error: "):
             errors.append(line[len("error: ") :].strip())
-        else:
+        elif not line.startswith("stopped: "):
             sys.stderr.write(line)
     stream.close()
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM to the worker raises here, so it can stop the trial's job the way SIGTERM stops
+    an in-process trial (checkpoint, trial failed, ``stopped`` line) instead of dying at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Signalled(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_verdict(control: Path, epoch: int, pruned: bool) -> None:
