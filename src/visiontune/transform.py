@@ -186,8 +186,7 @@ def transform(
             another model's predictions).
         progress: show a progress bar (images done, rate, time left) on stderr.
         tta: test-time augmentation views per image (0: off; 2: the image and its mirror; see
-            :mod:`visiontune.tta`); a batch of ``batch_size`` images runs as
-            ``batch_size * tta`` rows.
+            :mod:`visiontune.tta`); the model still sees at most ``batch_size`` rows at once.
 
     Returns:
         Counts of predicted, failed and skipped (already done) images.
@@ -284,7 +283,11 @@ def transform(
             answers: dict[str, Any] = {}
             if good:
                 probs = tta_predict_proba(
-                    model.predict, torch.stack([x for _, x in good]), tta, info.preprocess
+                    model.predict,
+                    torch.stack([x for _, x in good]),
+                    tta,
+                    info.preprocess,
+                    max_rows=batch_size,
                 )
                 for (name, _), top in zip(
                     good, topk(probs, info.class_ids, info.class_names, top_k), strict=True
