@@ -126,6 +126,14 @@ class TrainConfig(BaseModel):
         None, ge=1, description="stop after N epochs without improvement of the monitored metric"
     )
 
+    # test-time augmentation (visiontune/tta.py): the final test evaluation only, not training
+    tta: int = Field(
+        0,
+        ge=0,
+        description="views averaged in the final test evaluation, as evaluate --tta-views "
+        "(0: off; 2: the image and its mirror)",
+    )
+
     # execution
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -178,6 +186,16 @@ class TrainConfig(BaseModel):
         if v.startswith("last:") and v[5:].isdigit() and int(v[5:]) >= 1:
             return v
         raise ValueError(f"trainable must be head, all or last:N (N >= 1), got {v!r}")
+
+    @field_validator("tta")
+    @classmethod
+    def _tta_views(cls, v: int) -> int:
+        if v:
+            from visiontune.tta import MAX_VIEWS  # only when asked for: it imports torch
+
+            if not 2 <= v <= MAX_VIEWS:
+                raise ValueError(f"tta must be 0 (off) or 2 to {MAX_VIEWS} views, got {v}")
+        return v
 
     @field_validator("split_ratios")
     @classmethod

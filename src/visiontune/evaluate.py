@@ -262,7 +262,8 @@ def evaluate(
     )
     loader = DataLoader(
         ds,
-        batch_size=batch_size,
+        # With TTA each image is `tta` rows: the forward pass stays about batch_size rows.
+        batch_size=max(1, batch_size // tta) if tta else batch_size,
         num_workers=default_workers() if workers is None else workers,
         collate_fn=collate_skip_bad,
     )

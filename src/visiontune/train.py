@@ -1019,6 +1019,9 @@ def export_best(job: Job, preprocess) -> TrainResult:
         metrics=summary,
         config=cfg.model_dump(mode="json"),
     )
+    if cfg.tta:
+        test_metrics["tta"] = job.dist.on_main(lambda: _tta_evaluation(job, model_dir, split))
+        run.write_evaluation(split, test_metrics)
     job.cbs.fire("on_export_end", state, model_dir)
     if state.bad_images:
         _say(
@@ -1037,6 +1040,32 @@ def export_best(job: Job, preprocess) -> TrainResult:
         bad_images=state.bad_images,
         used_feature_cache=job.loaders is not None and job.loaders.uses_feature_cache,
     )
+
+
+def _tta_evaluation(job: Job, model_dir, split: str) -> dict[str, Any]:
+    """``split`` evaluated from the written model with test-time augmentation (``cfg.tta``
+    views): the views' metrics beside the plain ones already in the evaluation."""
+    from visiontune.evaluate import evaluate
+
+    cfg = job.cfg
+    m = evaluate(
+        model_dir,
+        cfg.data,
+        split,
+        endpoint_url=cfg.endpoint_url,
+        device=cfg.device,
+        precision=cfg.precision,
+        workers=cfg.workers,
+        progress=False,
+        tta=cfg.tta,
+    )
+    _say(
+        job,
+        f"test-time augmentation ({cfg.tta} views): {split} accuracy {m['accuracy']:.4f}, "
+        f"loss {m['loss']:.4f} (plain image: {m['tta']['single_view']['accuracy']:.4f})",
+    )
+    keep = ("count", "accuracy", "top5", "loss", "macro_f1")
+    return {"views": cfg.tta, "names": m["tta"]["names"], **{k: m[k] for k in keep}}
 
 
 def _finish(job: Job, result: TrainResult | None) -> None:

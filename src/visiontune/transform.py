@@ -186,8 +186,7 @@ def transform(
             another model's predictions).
         progress: show a progress bar (images done, rate, time left) on stderr.
         tta: test-time augmentation views per image (0: off; 2: the image and its mirror; see
-            :mod:`visiontune.tta`); a batch of ``batch_size`` images runs as
-            ``batch_size * tta`` rows.
+            :mod:`visiontune.tta`); the model still sees at most ``batch_size`` rows at once.
 
     Returns:
         Counts of predicted, failed and skipped (already done) images.
@@ -224,7 +223,7 @@ def transform(
     fields = {"model": identity, **({"tta": tta_record} if tta_record else {})}
 
     def predict(batch):  # the image and its TTA views, probabilities averaged over the views
-        return tta_predict_proba(model.predict, batch, tta, info.preprocess)
+        return tta_predict_proba(model.predict, batch, tta, info.preprocess, max_rows=batch_size)
 
     predicted = errors = 0
     chunks = list(_chunks(todo, batch_size))

@@ -129,6 +129,8 @@ def predict_proba(
     batch: torch.Tensor,
     views: int,
     preprocess: Preprocess | None = None,
+    *,
+    max_rows: int | None = None,
 ) -> torch.Tensor:
     """Probabilities ``(N, C)`` of ``batch``, averaged over ``views`` views (0: no TTA).
 
@@ -137,10 +139,14 @@ def predict_proba(
         batch: a preprocessed ``(N, 3, S, S)`` batch.
         views: views per image; 0 runs ``predict`` on ``batch`` as it is.
         preprocess: the model's preprocessing.
+        max_rows: the most rows given to ``predict`` at once (memory stays that of a batch
+            of this size, whatever the view count); default all at once.
     """
     if not views:
         return predict(batch)
-    return average(predict(expand(batch, views, preprocess)), views)
+    rows = expand(batch, views, preprocess)
+    parts = torch.split(rows, max_rows) if max_rows else (rows,)
+    return average(torch.cat([predict(part) for part in parts]), views)
 
 
 class TTAModel(nn.Module):

@@ -159,6 +159,8 @@ def test_transform_tta_writes_what_predict_tta_answers(model_dir, image_bytes, t
         "--tta",
         "--top-k",
         "3",
+        "--batch-size",  # 3 images are 6 rows, given to the model 3 at a time
+        "3",
         "--no-progress",
     )
     assert code == 0, err

@@ -21,13 +21,16 @@ from visiontune.train import train
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tiny_cnn run (64 px, one epoch) on a root of class folders."""
+    """One tiny_cnn run (64 px, one epoch) on a root of class folders, its final test
+    evaluation with 2-view TTA (``tta: 2`` in the config)."""
     base = tmp_path_factory.mktemp("tta")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VISIONTUNE_HOME", str(base / "home"))
         data = write_dataset(base / "data", classes=("cat", "dog", "owl"), per_class=8, splits=None)
         cfg = build_config(
-            TrainConfig, None, {**FAST, "data": str(data), "output": str(base / "run"), "epochs": 1}
+            TrainConfig,
+            None,
+            {**FAST, "data": str(data), "output": str(base / "run"), "epochs": 1, "tta": 2},
         )
         train(cfg)
     return data, base / "run" / "model"
@@ -59,6 +62,8 @@ def test_views_are_the_image_its_mirror_and_zooms_in_a_fixed_order():
     for bad in (1, -2, tta.MAX_VIEWS + 1):
         with pytest.raises(UserError, match="--tta-views must be between 2"):
             tta.check_views(bad)
+        with pytest.raises(ValueError, match=r"tta must be|greater than or equal"):
+            TrainConfig(data="d", tta=bad)
 
 
 def test_a_mirror_invariant_model_gives_the_same_answers_with_and_without_tta(trained):
@@ -120,6 +125,12 @@ def test_evaluate_tta_from_the_console_reports_views_and_accuracy(trained, cli):
     assert report["loss"] == pytest.approx(
         nn.functional.nll_loss(averaged.log(), labels).item(), abs=1e-2
     )
+
+    # The training run's own final evaluation (config tta: 2) says the same.
+    recorded = json.loads((model_dir.parent / "evaluation.json").read_text())
+    assert recorded["tta"]["views"] == 2 and recorded["tta"]["count"] == report["count"]
+    assert recorded["tta"]["accuracy"] == pytest.approx(report["accuracy"])
+    assert recorded["accuracy"] == pytest.approx(report["tta"]["single_view"]["accuracy"])
 
     # In-process from here: the console entry point was shown above.
     code, out, _ = cli(*command[3:], "--json")
