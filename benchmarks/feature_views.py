@@ -128,6 +128,7 @@ def main() -> int:
     train_pass = plain[0]["passes"]["train"]
     view_pass = statistics.mean(v["passes"]["train_views"] for v in views)
     epoch_views = statistics.median(t for v in views for t in v["epoch_times"])
+    epoch_plain = statistics.median(t for a in plain for t in a["epoch_times"])
     epoch_images = statistics.median(images["epoch_times"])
     acc_plain = [a["accuracy"] for a in plain]
     acc_views = [b["accuracy"] for b in views]
@@ -140,6 +141,7 @@ def main() -> int:
     print(f"plain train features (1 pass):        {train_pass:8.1f} s")
     print(f"caching {args.views} augmented views (mean of seeds): {view_pass:8.1f} s "
           f"({view_pass / train_pass:.1f}x one plain pass)")  # fmt: skip
+    print(f"epoch over cached plain features: {epoch_plain * 1000:6.1f} ms")
     print(f"epoch over cached views:      {epoch_views * 1000:10.1f} ms")
     print(f"epoch over images (light):    {epoch_images * 1000:10.1f} ms "
           f"({epoch_images / epoch_views:.0f}x the cached epoch)")  # fmt: skip
@@ -157,6 +159,7 @@ def main() -> int:
                     "seeds": args.seeds,
                     "plain_train_pass_s": train_pass,
                     "views_pass_s": view_pass,
+                    "epoch_cached_plain_s": epoch_plain,
                     "epoch_cached_views_s": epoch_views,
                     "epoch_images_s": epoch_images,
                     "accuracy_plain": acc_plain,

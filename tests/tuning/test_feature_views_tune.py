@@ -44,16 +44,23 @@ def test_views_in_the_space_are_computed_once_per_study(tiny_data: Path, monkeyp
     assert sum(rows) == 16 + 8 + 8 + 3 * 16
 
 
-def test_fixed_views_second_trial_reads_the_cache(tiny_data: Path, monkeypatch):
-    rows = _count_rows(monkeypatch)
-    space = parse_space({"lr": {"type": "categorical", "values": [0.01, 0.1]}})
-    fixed = build_config(TrainConfig, None, {"data": str(tiny_data), **FROZEN, "augment_views": 3})
-    settings = TuneSettings(study="fixed", strategy="grid", max_trials=1, report=False)
-    tune(settings, fixed, space)
+def test_fixed_views_second_trial_reads_the_cache(tiny_data: Path, tmp_path, monkeypatch, cli):
+    rows = _count_rows(monkeypatch)  # the CLI runs in this process: its passes are counted
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: categorical, values: [0.01, 0.1]}\n")
+    args = ["tune", "--data", tiny_data, "--space", space, "--study", "fixed",
+            "--strategy", "grid", "--set", "model=tiny_cnn", "--weights", "none",
+            "--trainable", "head", "--workers", "0", "--batch-size", "4", "--epochs", "2",
+            "--augment", "light", "--augment-views", "3", "--set", "report=false"]  # fmt: skip
+    code, _, err = cli(*args, "--max-trials", "1")
+    assert code == 0, err
     first = sum(rows)
     # The tiny set's valid split is small, so the study cross-validates (--cv auto): features
     # and views are those of the train+valid pool, once for every fold, plus the test split.
     assert first == (16 + 8) + 8 + 3 * (16 + 8)
-    result = tune(settings.model_copy(update={"max_trials": 2}), fixed, space)
-    assert result.counts == {"COMPLETE": 2}
-    assert sum(rows) == first  # the second trial computed nothing
+    code, _, err = cli(*args, "--max-trials", "2")
+    assert code == 0, err
+    assert sum(rows) == first  # the second trial computed nothing: it read the cache
+    trials = load_study("fixed", str(tmp_path / "studies" / "fixed" / "journal.log")).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(t.user_attrs["used_feature_cache"] for t in trials)
