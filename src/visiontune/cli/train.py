@@ -388,18 +388,25 @@ def predict(
 def models(
     json_out: bool = typer.Option(False, "--json", help="Print the list as JSON."),
 ) -> None:
-    """List the backbones, their input size and where their weights come from."""
-    from visiontune.models.registry import REGISTRY
+    """List the backbones: input size, where the weights come from, whether they are on disk
+    now (offline-ready) or need a download or a package, and their licence."""
+    from visiontune.models.registry import REGISTRY, weights_status
 
-    rows = [
-        {
-            "name": spec.name,
-            "input_size": spec.preprocess.input_size,
-            "weights": spec.weights,
-            "description": spec.description,
-        }
-        for spec in REGISTRY.values()
-    ]
+    rows = []
+    for spec in REGISTRY.values():
+        status = weights_status(spec)
+        rows.append(
+            {
+                "name": spec.name,
+                "input_size": spec.preprocess.input_size,
+                "weights": spec.weights,
+                "offline_ready": status.offline_ready,
+                "weights_status": status.detail,
+                "weights_action": status.action,
+                "license": spec.license,
+                "description": spec.description,
+            }
+        )
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -407,7 +414,15 @@ def models(
 
     from visiontune.cli import output_console
 
-    table = Table("name", "input", "weights", "description")
+    table = Table("name", "input", "offline-ready", "license", "description")
     for row in rows:
-        table.add_row(row["name"], str(row["input_size"]), row["weights"], row["description"])
+        offline = "yes" if row["offline_ready"] else f"no ({row['weights_action']})"
+        table.add_row(
+            row["name"], str(row["input_size"]), offline, row["license"], row["description"]
+        )
     output_console().print(table)
+    ready = sum(r["offline_ready"] for r in rows)
+    output_console().print(
+        f"{ready} of {len(rows)} backbones are offline-ready (weights on disk now); "
+        "`visiontune models --json` says where each one's weights are or come from"
+    )

