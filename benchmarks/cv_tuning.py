@@ -11,7 +11,7 @@ seed, side by side:
   (b) plain:   a study against the validation split (``--cv 0``), then ``--train-best``;
   (c) cv:      the same study with ``--cv auto`` (K folds of train+valid), then the refit.
 
-    .venv/bin/python benchmarks/cv_tuning.py [--seeds 0 1 2] [--trials 10] [--objective valid_loss]
+    .venv/bin/python benchmarks/cv_tuning.py [--seeds 0 1 2] [--trials 10] [--max-epochs 25]
 """
 
 from __future__ import annotations
@@ -34,11 +34,14 @@ FIXED = {
     "progress": False,
     "report": False,
 }
-SPACE = {
-    "lr": {"type": "continuous", "min": 0.001, "max": 0.3, "scaling": "log"},
-    "epochs": {"type": "integer", "min": 3, "max": 40},
-    "weight_decay": {"type": "continuous", "min": 1e-5, "max": 0.3, "scaling": "log"},
-}
+
+
+def space(max_epochs: int) -> dict:
+    return {
+        "lr": {"type": "continuous", "min": 0.001, "max": 0.3, "scaling": "log"},
+        "epochs": {"type": "integer", "min": 3, "max": max_epochs},
+        "weight_decay": {"type": "continuous", "min": 1e-5, "max": 0.3, "scaling": "log"},
+    }
 
 
 def subset(root: Path, seed: int, n_train: int, n_valid: int) -> Path:
@@ -71,6 +74,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=6, help="training images per class")
     parser.add_argument("--valid", type=int, default=2, help="validation images per class")
     parser.add_argument("--objective", default="valid_loss")
+    parser.add_argument("--max-epochs", type=int, default=25)
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"needs {DATA}")
@@ -102,7 +106,7 @@ def main() -> None:
                     report=False,
                     seed=seed,
                 )
-                result = tune(settings, fixed, parse_space(SPACE))
+                result = tune(settings, fixed, parse_space(space(args.max_epochs)))
                 rows[name].append(test_accuracy(result.best_run))
             print(
                 f"seed {seed}: test accuracy default {rows['default'][-1]:.3f}  "

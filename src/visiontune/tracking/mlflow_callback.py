@@ -397,7 +397,7 @@ class MlflowCallback(Callback):
         final = {
             (k if k.startswith("test_") or k == "best_epoch" else f"best_{k}"): v
             for k, v in (meta.get("metrics") or {}).items()
-            if _is_number(v) and k != "bad_images"
+            if _is_number(v) and k not in ("bad_images", "train_images", "cv_folds", "cv_fold")
         }
         self._metrics(final, state.step)
         model_dir = Path(model_dir)
