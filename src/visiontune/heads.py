@@ -56,7 +56,7 @@ def fit_probe(
     *,
     label_smoothing: float = 0.0,
     max_iter: int = 1000,
-    tolerance_grad: float = 1e-5,
+    tolerance_grad: float = 1e-6,
 ) -> ProbeFit:
     """Fit ``linear`` in place to ``(features, labels)``, warm-started from its weights.
 

@@ -290,7 +290,13 @@ def _check_resume_changes(run: RunDir, cfg: TrainConfig) -> TrainConfig:
     if not run.config_path.is_file():
         raise UserError(f"nothing to resume: {run.config_path} does not exist")
     saved = load_saved_config(run.config_path).model_dump(mode="json")
-    asked = cfg.model_dump(mode="json")
+    # Options this call leaves at default are the run's own (small data may have changed them
+    # when it started); only what the call sets can differ, and is checked below.
+    chosen = cfg.model_fields_set
+    asked = {
+        k: v if k in chosen else saved.get(k, v) for k, v in cfg.model_dump(mode="json").items()
+    }
+    cfg = TrainConfig.model_validate(asked)
     if run.is_finished() and cfg.epochs <= saved["epochs"]:
         raise UserError(
             f"{run} is finished (its model is in {run.model_dir}); nothing to resume. "
@@ -657,8 +663,36 @@ def distribute(job: Job) -> None:
         torch.manual_seed(cfg.seed + group.rank)
 
 
+def _kept_weights(job: Job, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a checkpoint or the best epoch keeps of the model's ``weights``: all of them, or
+    the head alone when the backbone only ever ran to make cached features and the config
+    rebuilds the same one (ImageNet or seeded random weights, not a file that could change).
+    A frozen backbone is most of a small model's checkpoint: writing it every epoch was most
+    of a cached-feature run's time (a cross-validated trial writes one per fold and epoch)."""
+    if _keeps_head_only(job):
+        return {k: v for k, v in weights.items() if k.startswith("head.")}
+    return weights
+
+
+def _keeps_head_only(job: Job) -> bool:
+    return job.loaders.uses_feature_cache and job.cfg.weights in ("imagenet", "none")
+
+
+def _load_weights(job: Job, weights: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`_kept_weights` kept: a head alone leaves the rebuilt backbone as is."""
+    device = next(job.model.parameters()).device
+    missing, unexpected = job.model.load_state_dict(
+        {k: v.to(device) for k, v in weights.items()}, strict=False
+    )
+    if unexpected or (missing and not _keeps_head_only(job)):
+        raise UserError(
+            f"the saved weights do not fit {job.cfg.model}: "
+            f"{(unexpected or missing)[0]} is {'unexpected' if unexpected else 'missing'}"
+        )
+
+
 def restore_checkpoint(job: Job, ck: dict[str, Any]) -> None:
-    job.model.load_state_dict(ck["model"])
+    _load_weights(job, ck["model"])
     if job.averager is not None:
         if "averaged" not in ck:
             raise UserError(
@@ -695,7 +729,7 @@ def save_checkpoint(job: Job) -> None:
     rngs = job.dist.all_gather(_rng_state())  # every rank's, so resume is exact on each
     path = job.run.save_checkpoint(
         {
-            "model": job.model.state_dict(),
+            "model": _kept_weights(job, job.model.state_dict()),
             "optimizer": job.opt.optimizer.state_dict(),
             "scheduler": job.opt.scheduler.state_dict(),
             "scaler": job.opt.scaler.state_dict(),
@@ -946,11 +980,10 @@ def end_epoch(job: Job, valid: dict[str, Any]) -> None:
     elif candidate and (state.best_value is None or job.opt.better(value, state.best_value)):
         state.best_value, state.best_epoch, state.stale_epochs = value, state.epoch + 1, 0
         if averager is None:
-            job.run.save_best(job.model.state_dict())
+            job.run.save_best(_kept_weights(job, job.model.state_dict()))
         else:
-            job.run.save_best(
-                merged_state_dict(job.model, averager.module, averager.averaged_module)
-            )
+            weights = merged_state_dict(job.model, averager.module, averager.averaged_module)
+            job.run.save_best(_kept_weights(job, weights))
     elif candidate:
         state.stale_epochs += 1
     job.progress.epoch_line(metrics, cfg.epochs, state.best_epoch)
@@ -976,8 +1009,7 @@ def export_best(job: Job, preprocess) -> TrainResult:
     # A refit keeps its last epoch (nothing held out to choose by); only rank 0 has the file.
     best = None if cfg.refit else job.dist.on_main(run.load_best)
     if best is not None:
-        device = next(model.parameters()).device
-        model.load_state_dict({k: v.to(device) for k, v in best.items()})
+        _load_weights(job, best)
     elif cfg.refit and job.averager is not None and job.averager.active(state.epoch - 1):
         # a refit exports its last epoch's averaged weights
         model.load_state_dict(

@@ -38,6 +38,8 @@ COMMON = {
     "progress": False,
     "report": False,
     "checkpoint_every_steps": 2,
+    # augment light trains over images here (small data would cache augmented views instead)
+    "augment_views": 0,
 }
 
 

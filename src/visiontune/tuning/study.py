@@ -274,7 +274,10 @@ def _plan_cv(settings: TuneSettings, fixed):
             "cv_folds, cv_fold and refit are set by the tuner: use --cv K to cross-validate "
             "a study (--train-best then refits)"
         )
-    plan = plan_cv(settings.cv, fixed)
+    requested = settings.cv
+    if settings.trial_nproc != 1 and requested == "auto":
+        requested = 0  # distributed trials validate plainly unless --cv asks otherwise
+    plan = plan_cv(requested, fixed)
     if plan.folds and settings.trial_nproc != 1:
         raise UserError(
             f"--trial-nproc {settings.trial_nproc} with cross-validation: a fold trains on "
