@@ -3,9 +3,8 @@ default and beats a well-regularised linear probe on the same frozen backbone by
 
 For every data set, backbone and seed, in one run on this machine, test accuracy of:
 
-  (a) probe:   scikit-learn LogisticRegressionCV (standardised features, C chosen by stratified
-               CV over 1e-4..1e4 on log loss) on the frozen backbone's features of all the
-               training images;
+  (a) probe:   scikit-learn LogisticRegressionCV (C chosen by stratified CV over 1e-4..1e4 on
+               accuracy) on the frozen backbone's features of all the training images;
   (b) default: ``visiontune train --data D --model M --seed S`` with nothing else;
   (c) tuned:   ``visiontune tune --data D --model M --seed S --space SPACE --max-trials T
                --train-best`` (the space below; the study picks its own objective noise
@@ -122,8 +121,6 @@ def probe_accuracy(data: Path, model: str, seed: int) -> float:
     import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from torch.utils.data import DataLoader
 
     from visiontune.data.folder import ImageDataset, collate_skip_bad, discover
@@ -147,11 +144,10 @@ def probe_accuracy(data: Path, model: str, seed: int) -> float:
     x_train, y_train = features("train")
     x_test, y_test = features("test")
     folds = int(min(5, np.bincount(y_train).min()))
-    clf = make_pipeline(
-        StandardScaler(),
-        LogisticRegressionCV(
-            Cs=np.logspace(-4, 4, 17), cv=folds, max_iter=5000, scoring="neg_log_loss"
-        ),
+    # On the raw features: standardising 1280 dimensions from 20 images cost 15 points
+    # (0.79 against 0.95 on hymenoptera-10), so that probe would be a straw man.
+    clf = LogisticRegressionCV(
+        Cs=np.logspace(-4, 4, 17), cv=folds, max_iter=5000, scoring="accuracy"
     )
     with warnings.catch_warnings():  # scikit-learn 1.9 announces 1.10's new defaults
         warnings.simplefilter("ignore", FutureWarning)

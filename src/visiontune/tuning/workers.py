@@ -231,9 +231,11 @@ def _print_trial(study, number: int) -> None:
     t = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     value = "" if t.value is None else f" {study_config(study)['objective']}={t.value:.4f}"
     extra = t.user_attrs.get(FAIL_REASON) or ""
+    # epochs run, unless the space drew that many (then the parameter says it, once)
+    run = t.user_attrs.get(EPOCHS_RUN)
+    ran = "" if t.params.get("epochs") == run else f" epochs={run}"
     print(
-        f"trial {t.number}: {state_of(t).lower()}{value} epochs={t.user_attrs.get(EPOCHS_RUN)} "
-        f"{fmt_params(t.params)} {extra}".rstrip(),
+        f"trial {t.number}: {state_of(t).lower()}{value}{ran} {fmt_params(t.params)} {extra}".rstrip(),
         file=sys.stderr,
         flush=True,
     )
