@@ -20,24 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _timing import cpu_name
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(root: Path, name: str, data: Path, args, **kw) -> dict:

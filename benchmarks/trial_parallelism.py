@@ -47,7 +47,7 @@ def run(data: Path, where: Path, flags: list[str], args) -> float:
 
 
 def main() -> int:
-    from distributed_scaling import cpu_name
+    from _timing import cpu_name
     from helpers import write_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

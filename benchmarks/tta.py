@@ -18,22 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo (figures mean little without it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from _timing import cpu_name
 
 
 def main() -> int:
@@ -64,7 +54,7 @@ def main() -> int:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(
-        f"CPU: {cpu_model()} ({cores} cores available, torch threads {torch.get_num_threads()}); "
+        f"CPU: {cpu_name()} ({cores} cores available, torch threads {torch.get_num_threads()}); "
         f"model {args.model}\n"
     )
 

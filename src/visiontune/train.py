@@ -827,6 +827,12 @@ def train_one_epoch(job: Job) -> None:
                 raise TrainingInterrupted(job.run, signum)
     _fold(job, loss_sum, correct_sum, count, bad_here)
     job.progress.stop(task)
+    _close_epoch(job, t0, seen_at_start)
+
+
+def _close_epoch(job: Job, t0: float, seen_at_start: float) -> None:
+    """End of an epoch's training pass: the average takes its epoch, the speed is recorded."""
+    state = job.state
     if job.averager is not None:
         job.averager.after_epoch(state.epoch)
     epoch_time = time.perf_counter() - t0
@@ -889,14 +895,7 @@ def _probe_epoch(job: Job) -> None:
         if signum:
             save_checkpoint(job)
             raise TrainingInterrupted(job.run, signum)
-    if job.averager is not None:
-        job.averager.after_epoch(state.epoch)
-    epoch_time = time.perf_counter() - t0
-    seen = state.sums["count"] - seen_at_start
-    state.last_metrics = {
-        "images_per_sec": seen / epoch_time if epoch_time > 0 else 0.0,
-        "epoch_time": epoch_time,
-    }
+    _close_epoch(job, t0, seen_at_start)
 
 
 def validate(job: Job, split: str) -> dict[str, Any]:
