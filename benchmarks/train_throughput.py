@@ -15,6 +15,10 @@ within a point of the same run in fp32.
 
     .venv/bin/python benchmarks/train_throughput.py            # all, ~10 min on 2 cores
     .venv/bin/python benchmarks/train_throughput.py --models efficientnet_lite0 --steps 4
+    python benchmarks/train_throughput.py --device cuda --batch 64 --steps 20   # one GPU
+
+On a GPU both loops move the model and every batch to it, the peak is the GPU's own matmul
+peak, and every step's timestamp is taken after a CUDA synchronise, so queued kernels count.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import machine
 from torch import nn
 
 from visiontune.callbacks import Callback
@@ -39,20 +44,42 @@ HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 GFLOP_FWD = {"resnet50": 8.2, "efficientnet_lite0": 0.4}  # per 224 px image
 
 
+DEVICE = torch.device("cpu")  # --device sets it
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a timestamp means the step is done."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
-    """Achieved GFLOP/s of a large square matmul: the machine's practical compute ceiling."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    """Achieved GFLOP/s of a large square matmul: the device's practical compute ceiling."""
+    if DEVICE.type == "cuda":
+        n, reps = 8192, 20
+    a = torch.randn(n, n, dtype=dtype, device=DEVICE)
+    b = torch.randn(n, n, dtype=dtype, device=DEVICE)
     a @ b
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def rate(stamps: list[tuple[float, int]], warmup: int) -> float:
-    """Images/s from per-step (time, batch size) stamps, after ``warmup`` steps."""
-    (t0, _), rest = stamps[warmup - 1], stamps[warmup:]
-    return sum(n for _, n in rest) / (rest[-1][0] - t0)
+def rate(stamps: list[tuple[float, int, int]], warmup: int) -> float:
+    """Images/s from per-step (time, batch size, epoch) stamps, after ``warmup`` steps.
+
+    Only steps that follow a step of the same epoch count: the gap across an epoch's end holds
+    visiontune's validation and checkpoint, which the naive loop does not do.
+    """
+    pairs = [
+        (b[0] - a[0], b[1])
+        for a, b in zip(stamps[warmup - 1 :], stamps[warmup:], strict=False)
+        if a[2] == b[2]
+    ]
+    return sum(n for _, n in pairs) / sum(t for t, _ in pairs)
 
 
 def naive_loop(data: Path, model_name: str, frozen: bool, batch: int, steps: int) -> list:
@@ -73,19 +100,24 @@ def naive_loop(data: Path, model_name: str, frozen: bool, batch: int, steps: int
     )
     torch.manual_seed(0)
     model, _ = build_model(model_name, 2, weights="none")
+    model.to(DEVICE)
     for name, p in model.named_parameters():
         p.requires_grad = not frozen or name.startswith("head.")
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     stamps = []
+    epoch = 0
     while len(stamps) < steps:
+        epoch += 1
         for x, y in loader:
+            x, y = x.to(DEVICE), y.to(DEVICE)
             loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            stamps.append((time.perf_counter(), len(y)))
+            sync()
+            stamps.append((time.perf_counter(), len(y), epoch))
             if len(stamps) == steps:
                 break
     return stamps
@@ -93,16 +125,18 @@ def naive_loop(data: Path, model_name: str, frozen: bool, batch: int, steps: int
 
 class StepClock(Callback):
     def __init__(self):
-        self.stamps: list[tuple[float, int]] = []
+        self.stamps: list[tuple[float, int, int]] = []
 
     def on_step_end(self, state, batch, outputs, loss):
-        self.stamps.append((time.perf_counter(), int(batch[1].shape[0])))
+        sync()
+        self.stamps.append((time.perf_counter(), int(batch[1].shape[0]), state.epoch))
 
 
 def visiontune_loop(
     data: Path, model_name: str, frozen: bool, batch: int, steps: int, out: Path, **kw
 ) -> list:
     clock = StepClock()
+    per_epoch = max(1, sum(1 for f in (data / "train").rglob("*") if f.is_file()) // batch)
     values = {
         "data": str(data),
         "model": model_name,
@@ -110,10 +144,11 @@ def visiontune_loop(
         "trainable": "head" if frozen else "all",
         "augment": "light",
         "batch_size": batch,
-        "epochs": 1,
+        "epochs": -(-steps // per_epoch) + 1,  # enough epochs for ``steps`` steps
         "max_steps_per_epoch": steps,
         "output": str(out),
         "progress": False,
+        "device": DEVICE.type,
         **kw,
     }
     train(build_config(TrainConfig, None, values), [clock])
@@ -154,6 +189,7 @@ def accuracy_parity(data: Path, tmp: Path) -> None:
             "lr": 0.003,
             "batch_size": 32,
             "precision": precision,
+            "device": DEVICE.type,
             "output": str(tmp / f"acc-{precision}"),
             "progress": False,
         }
@@ -175,15 +211,20 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=HYMENOPTERA)
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the whole-job comparison")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if not (args.data / "train").is_dir():
         sys.exit(f"benchmark data not found: {args.data} (needs train/<class>/ images)")
 
     tmp = Path(tempfile.mkdtemp(prefix="vt-bench-"))
     os.environ.setdefault("VISIONTUNE_HOME", str(tmp / "home"))
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"machine: {machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
+    if DEVICE.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(DEVICE)}")
     print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
     print(f"batch {args.batch}, {args.steps} measured steps after {args.warmup} warm-up\n")
     header = f"{'model':<18} {'mode':<7} {'naive img/s':>11} {'visiontune':>11} {'ratio':>6}"

@@ -220,7 +220,9 @@ def test_swa_validates_and_exports_the_average_of_the_epochs(tmp_path):
 
     class Snapshot(Callback):
         def on_epoch_end(self, state, metrics):
-            snapshots.append({k: v.clone() for k, v in state.step_model.state_dict().items()})
+            snapshots.append(
+                {k: v.detach().cpu().clone() for k, v in state.step_model.state_dict().items()}
+            )
 
     run = tmp_path / "run"
     # monitor=epoch: the last epoch is the best, so the export is the average of all three.

@@ -80,6 +80,7 @@ class ProfilerCallback(Callback):
             self.dir / "system",
             interval=self.config.sample_interval_ms / 1000,
             flush_seconds=self.config.flush_seconds,
+            gpus=cuda,
         )
         self.sampler.start()
         cfg = state.config

@@ -61,10 +61,23 @@ class _Gpus:
                 pass
 
 
-class SystemSampler:
-    """Samples the machine every ``interval`` seconds in a daemon thread until :meth:`stop`."""
+class _NoGpus(_Gpus):
+    """No GPU columns (the run does not use one)."""
 
-    def __init__(self, folder: Path, interval: float = 0.5, flush_seconds: float = 10.0):
+    def __init__(self) -> None:
+        self.handles = []
+
+
+class SystemSampler:
+    """Samples the machine every ``interval`` seconds in a daemon thread until :meth:`stop`.
+
+    ``gpus=False`` leaves the GPUs out: a run on the CPU of a GPU machine must not be judged
+    by the GPU rules (an idle GPU it never used would fire LowGPUUtilization).
+    """
+
+    def __init__(
+        self, folder: Path, interval: float = 0.5, flush_seconds: float = 10.0, gpus: bool = True
+    ):
         import psutil
 
         self.psutil = psutil
@@ -75,7 +88,7 @@ class SystemSampler:
         self._children: dict[int, Any] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.gpus = _Gpus()
+        self.gpus = _Gpus() if gpus else _NoGpus()
         self.samples = 0
         self.max_workers = 0
 
