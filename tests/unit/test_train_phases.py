@@ -303,7 +303,9 @@ def test_a_failed_start_leaves_no_run_folder(image_dataset, tmp_path):
 
 
 def test_run_states_and_records_device_precision_workers(image_dataset, tmp_path, capsys):
-    result = train(cfg_for(image_dataset, tmp_path / "run", epochs=1, precision="fp32"))
+    # The device pinned: on a GPU machine "auto" would record cuda.
+    run_cfg = cfg_for(image_dataset, tmp_path / "run", epochs=1, precision="fp32", device="cpu")
+    result = train(run_cfg)
     err = capsys.readouterr().err
     assert "on cpu in fp32, 0 loader workers, batch size 8, from images" in err
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
