@@ -78,6 +78,7 @@ def _log_study(study: Any, study_dir: Path, report: Path | None) -> str | None:
     from mlflow.tracking import MlflowClient
 
     from visiontune.tuning._base import FAIL_REASON, PRUNED_AT_EPOCH, RUN_DIR
+    from visiontune.tuning.trials import best_trial
 
     try:
         saved = json.loads((study_dir / STATE_FILE).read_text())
@@ -85,9 +86,8 @@ def _log_study(study: Any, study_dir: Path, report: Path | None) -> str | None:
         return None
     client = MlflowClient(tracking_uri=saved["tracking_uri"])
     parent = saved["run_id"]
-    best_number = None
-    with contextlib.suppress(ValueError):  # no completed trial: no best
-        best_number = study.best_trial.number
+    chosen = best_trial(study)  # the study's choice (the untuned default may be kept)
+    best_number = chosen.number if chosen is not None else None
     for trial in study.trials:
         state = trial.state.name
         reason = trial.user_attrs.get(FAIL_REASON)
@@ -115,8 +115,8 @@ def _log_study(study: Any, study_dir: Path, report: Path | None) -> str | None:
         if trial.number == best_number:
             client.set_tag(run_id, "visiontune.best_trial", "true")
             client.set_tag(parent, "visiontune.best_trial_run_id", run_id)
-    if best_number is not None:
-        best = study.best_trial
+    if chosen is not None:
+        best = chosen
         # Tags, not params: a continued study may find a new best.
         client.log_batch(
             parent,

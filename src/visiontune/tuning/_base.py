@@ -41,6 +41,7 @@ DURATION_S = "duration_s"
 PRUNED_AT_EPOCH = "pruned_at_epoch"
 FAIL_REASON = "fail_reason"
 WARM_START = "warm_start"  # set on seeds copied from an earlier study; they use no budget
+BASELINE = "baseline"  # set on the trial that is the untuned default (tuning.baseline)
 USED_FEATURE_CACHE = "used_feature_cache"
 BEST_EPOCH = "best_epoch"
 # A cross-validated trial (visiontune.tuning.cv): each fold's objective in fold order, their

@@ -34,6 +34,7 @@ class CvPlan:
 
     folds: int
     line: str
+    valid_images: int = 0  # the plain validation split's size (the noise of its accuracy)
 
 
 def accuracy_se(n: int, accuracy: float = 0.5) -> float:
@@ -76,14 +77,17 @@ def plan_cv(requested: int | str, fixed) -> CvPlan:
     stops_early = fixed.early_stopping is not None
     if requested == "auto":
         if per_class >= AUTO_BELOW_PER_CLASS:
-            return CvPlan(0, f"{noise}; plain validation objective (--cv K cross-validates)")
+            return CvPlan(
+                0, f"{noise}; plain validation objective (--cv K cross-validates)", n_valid
+            )
         if fewest < 2:
-            return CvPlan(0, f"{noise}; too few images per class to cross-validate")
+            return CvPlan(0, f"{noise}; too few images per class to cross-validate", n_valid)
         if stops_early:
             return CvPlan(
                 0,
                 f"{noise}; not cross-validating: early_stopping picks each run's epochs, which "
                 "a refit on train+valid could not repeat",
+                n_valid,
             )
         if not fixed.uses_feature_cache:
             # Trials on images would cost K times as much: that is the user's call.
@@ -91,12 +95,13 @@ def plan_cv(requested: int | str, fixed) -> CvPlan:
                 0,
                 f"{noise}; not cross-validating since trials train on images, not cached "
                 f"features, and K folds cost K times as much (--cv {AUTO_FOLDS} does it anyway)",
+                n_valid,
             )
         k = min(AUTO_FOLDS, fewest)
-        return CvPlan(k, f"{noise}; {cv_on.format(k=k)} (--cv 0 turns it off)")
+        return CvPlan(k, f"{noise}; {cv_on.format(k=k)} (--cv 0 turns it off)", n_valid)
     k = int(requested)
     if k == 0:
-        return CvPlan(0, f"{noise}; plain validation objective (--cv 0)")
+        return CvPlan(0, f"{noise}; plain validation objective (--cv 0)", n_valid)
     if k < 2:
         raise UserError(f"--cv must be auto, 0 (off) or a number of folds >= 2, got {k}")
     if stops_early:
@@ -109,7 +114,7 @@ def plan_cv(requested: int | str, fixed) -> CvPlan:
             f"--cv {k} needs at least {k} images of each class in train+valid; "
             f"the smallest class has {fewest}: use fewer folds"
         )
-    return CvPlan(k, f"{noise}; {cv_on.format(k=k)} (--cv {k})")
+    return CvPlan(k, f"{noise}; {cv_on.format(k=k)} (--cv {k})", n_valid)
 
 
 def fold_summary(values: list[float]) -> dict[str, Any]:

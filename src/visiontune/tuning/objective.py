@@ -269,22 +269,24 @@ def tidy_trial_dirs(study, study_dir: Path, keep: str) -> list[Path]:
     Returns:
         The directories deleted.
     """
-    from visiontune.tuning.trials import best_trial, state_of
+    from visiontune.tuning.trials import best_trial, state_of, top_trial
 
     if keep not in KEEP_CHOICES:
         raise ValueError(f"keep must be one of {KEEP_CHOICES}, got {keep!r}")
     if keep == "all":
         return []
     root = (study_dir / "trials").resolve()
-    best = best_trial(study) if keep == "best" else None
+    # The chosen trial, and the top one when the untuned default was kept over it: more
+    # trials may yet tip the choice (tuning.baseline).
+    best = (
+        {t.number for t in (best_trial(study), top_trial(study)) if t} if keep == "best" else set()
+    )
     removed = []
     for t in study.get_trials(deepcopy=False):
         run_dir = t.user_attrs.get(RUN_DIR)
         if not run_dir or not t.state.is_finished() or Path(run_dir).parent != root:
             continue
-        keep_model = (keep == "models" and state_of(t) in COUNTED) or (
-            best is not None and t.number == best.number
-        )
+        keep_model = (keep == "models" and state_of(t) in COUNTED) or (t.number in best)
         # A cross-validated trial trained one run per fold, in run_dir/fold-i.
         runs = [Path(run_dir), *sorted(Path(run_dir).glob("fold-*"))]
         doomed = [r / "checkpoints" for r in runs]

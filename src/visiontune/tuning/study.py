@@ -34,6 +34,7 @@ from visiontune.tuning._base import (
     direction_for,
     quiet_optuna,
 )
+from visiontune.tuning.baseline import enqueue_baseline
 from visiontune.tuning.space import RESERVED, SearchSpace
 from visiontune.tuning.storage import (
     default_storage,
@@ -42,7 +43,14 @@ from visiontune.tuning.storage import (
     redact,
     study_config,
 )
-from visiontune.tuning.trials import best_summary, best_trial, counted_trials, trial_counts
+from visiontune.tuning.trials import (
+    best_summary,
+    best_trial,
+    counted_trials,
+    fmt_params,
+    selection_note,
+    trial_counts,
+)
 from visiontune.tuning.workers import (
     check_distributed_trials,
     run_worker,
@@ -79,6 +87,11 @@ class TuneSettings(BaseModel):
     )
     train_best: bool = False
     report: bool = True
+    baseline: bool = Field(
+        True,
+        description="a new study's first trial is the untuned default, kept unless a trial "
+        "beats it beyond noise (see visiontune.tuning.baseline)",
+    )
     cv: int | Literal["auto"] = Field(
         "auto",
         description="K-fold cross-validated objective: auto (on for a small valid split), "
@@ -209,6 +222,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         "max_retry": settings.max_retry,
         "cv": cv.folds,  # folds per trial (0: plain validation); see visiontune.tuning.cv
         "cv_note": cv.line,
+        "valid_images": cv.valid_images,  # the noise of a plain accuracy (tuning.baseline)
     }
     with quiet_optuna():
         try:
@@ -331,6 +345,19 @@ def _warm_start(study, settings: TuneSettings, space: SearchSpace, storage_url: 
     print(f"warm start: seeded the sampler with {added} earlier trial(s)", file=sys.stderr)
 
 
+def _baseline_first(study, fixed, space: SearchSpace, strategy: str) -> None:
+    """A new study's first trial is the untuned default (``tuning.baseline``); say so."""
+    params, why = enqueue_baseline(study, fixed, space, strategy)
+    if params is not None:
+        print(
+            f"trial 0 is the untuned default ({fmt_params(params)}): the study keeps it unless "
+            "a trial beats it by more than the objective's noise",
+            file=sys.stderr,
+        )
+    elif why:
+        print(f"no baseline trial: {why}, so no trial is the untuned default", file=sys.stderr)
+
+
 def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     """Run (or continue) a tuning job: validate, create the study, run trials, write the report.
 
@@ -347,6 +374,8 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     """
     study, storage_url, study_dir = create_study(settings, fixed, space)
     fixed, space = _stored_options(study)  # with what small data changed (create_study)
+    if settings.baseline:
+        _baseline_first(study, fixed, space, settings.strategy)
     study_dir.mkdir(parents=True, exist_ok=True)
     # Trials train on cached features (augmented views too, when the space draws their number).
     fast = fixed.uses_feature_cache or (
@@ -400,6 +429,9 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
         )
         wait_workers(procs)
     study, result = study_result(settings, storage_url, study_dir)
+    note = selection_note(study)
+    if note:
+        print(note, file=sys.stderr)
     if fixed.tracking is not None:  # the study's parent run in MLflow: states, best, report
         from visiontune.tracking.tuning import log_study
 

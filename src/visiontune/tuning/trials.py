@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from visiontune.tuning import baseline
 from visiontune.tuning._base import (
+    BASELINE,
     COUNTED,
     CV_STD,
     CV_VALUES,
@@ -46,19 +47,19 @@ def trial_counts(study) -> dict[str, int]:
 
 
 def best_trial(study):
-    """The best complete trial run by this study (not a warm-start seed), or ``None``."""
-    minimize = study.direction.name == "MINIMIZE"
-    done = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if state_of(t) == "COMPLETE"
-        and WARM_START not in t.user_attrs
-        and t.value is not None
-        and math.isfinite(t.value)
-    ]
-    if not done:
-        return None
-    return (min if minimize else max)(done, key=lambda t: (t.value, t.number))
+    """The trial the study chooses (not a warm-start seed), or ``None``: the top trial, or the
+    untuned default when the top one does not beat it beyond noise (``tuning.baseline``)."""
+    return baseline.choose(study)[0]
+
+
+def top_trial(study):
+    """The complete trial with the best objective value (no noise rule), or ``None``."""
+    return baseline.top(study)
+
+
+def selection_note(study) -> str | None:
+    """How the chosen trial was weighed against the untuned default (``None``: it was not)."""
+    return baseline.choose(study)[1]
 
 
 def best_summary(study) -> dict[str, Any] | None:
@@ -74,6 +75,8 @@ def best_summary(study) -> dict[str, Any] | None:
         "direction": study.direction.name.lower(),
         "value": t.value,
         "params": dict(t.params),
+        "baseline": bool(t.user_attrs.get(BASELINE)),
+        "selection": selection_note(study),
         "epochs_run": t.user_attrs.get(EPOCHS_RUN),
         "run_dir": t.user_attrs.get(RUN_DIR),
         "model_dir": t.user_attrs.get(MODEL_DIR),
@@ -105,6 +108,7 @@ def trial_rows(study) -> list[dict[str, Any]]:
                 # a cross-validated trial: each fold's value and their spread
                 "cv_values": t.user_attrs.get(CV_VALUES),
                 "cv_std": t.user_attrs.get(CV_STD),
+                "baseline": bool(t.user_attrs.get(BASELINE)),
             }
         )
     return rows
@@ -118,6 +122,8 @@ def trial_cells(r: dict[str, Any]) -> list[str]:
     """One trial row as the text cells of the status table and the HTML report: number,
     state, params, objective, epochs, duration, pruned at, note."""
     note = r["fail_reason"] or (f"retry of {r['retry_of']}" if r["retry_of"] is not None else "")
+    if r.get("baseline"):
+        note = f"untuned default{'; ' + note if note else ''}"
     return [
         str(r["number"]),
         r["state"].lower(),

@@ -1,0 +1,156 @@
+"""A study's first trial is the untuned default, and the study keeps it unless a trial beats
+it by more than the objective's noise (visiontune.tuning.baseline)."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from helpers import write_dataset
+
+from visiontune.config import TrainConfig, build_config
+from visiontune.tuning._base import ATTR, BASELINE, CV_VALUES
+from visiontune.tuning.space import parse_space
+from visiontune.tuning.storage import load_study
+from visiontune.tuning.study import TuneSettings, tune
+from visiontune.tuning.trials import best_summary, best_trial, selection_note
+
+LR = optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)
+
+
+def study_of(objective: str, trials: list[tuple[float, list[float] | None, bool]], **stored):
+    """An in-memory study of finished trials ``(value, fold values, is the baseline)``."""
+    direction = "minimize" if objective.endswith("loss") else "maximize"
+    study = optuna.create_study(direction=direction)
+    study.set_user_attr(ATTR, {"objective": objective, **stored})
+    for i, (value, folds, base) in enumerate(trials):
+        attrs = {BASELINE: True} if base else {}
+        if folds is not None:
+            attrs[CV_VALUES] = folds
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": 0.01 * (i + 1)},
+                distributions={"lr": LR},
+                value=value,
+                user_attrs=attrs,
+            )
+        )
+    return study
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_a_cv_gain_within_the_fold_noise_keeps_the_default():
+    base = [0.80, 0.90, 0.85, 0.90, 0.80]
+    lucky = [0.85, 0.90, 0.85, 0.90, 0.80]  # one fold better by one image
+    study = study_of("valid_accuracy", [(mean(base), base, True), (mean(lucky), lucky, False)])
+    assert best_trial(study).number == 0
+    assert "within its noise" in selection_note(study) and "default is kept" in selection_note(
+        study
+    )
+    summary = best_summary(study)
+    assert summary["trial"] == 0 and summary["baseline"] is True
+
+
+def test_a_gain_in_every_fold_replaces_the_default():
+    base = [0.80, 0.90, 0.85, 0.90, 0.80]
+    better = [x + 0.1 for x in base]
+    study = study_of("valid_accuracy", [(mean(base), base, True), (mean(better), better, False)])
+    assert best_trial(study).number == 1
+    assert "trial 1 is chosen" in selection_note(study)
+
+
+def test_losses_are_compared_the_right_way_round():
+    base = [0.50, 0.60, 0.55, 0.52, 0.58]
+    lower = [x - 0.2 for x in base]
+    study = study_of("valid_loss", [(mean(base), base, True), (mean(lower), lower, False)])
+    assert best_trial(study).number == 1
+    higher = [x + 0.2 for x in base]
+    study = study_of("valid_loss", [(mean(base), base, True), (mean(higher), higher, False)])
+    assert best_trial(study).number == 0 and "is the best trial" in selection_note(study)
+
+
+@pytest.mark.parametrize(("valid_images", "chosen"), [(20, 0), (5000, 1)])
+def test_plain_validation_weighs_accuracy_by_the_size_of_valid(valid_images, chosen):
+    # 0.80 -> 0.85 is one image in 20 (noise ~0.12), but 250 images in 5000 (noise ~0.008)
+    study = study_of(
+        "valid_accuracy", [(0.80, None, True), (0.85, None, False)], valid_images=valid_images
+    )
+    assert best_trial(study).number == chosen
+
+
+def test_without_a_baseline_or_a_noise_estimate_the_top_trial_is_chosen():
+    study = study_of("valid_accuracy", [(0.80, None, False), (0.85, None, False)])
+    assert best_trial(study).number == 1 and selection_note(study) is None
+    study = study_of("valid_loss", [(0.5, None, True), (0.4, None, False)])  # no noise known
+    assert best_trial(study).number == 1
+
+
+FROZEN = {
+    "model": "tiny_cnn",
+    "weights": "none",
+    "trainable": "head",
+    "augment": "none",
+    "workers": 0,
+    "epochs": 2,
+    "batch_size": 4,
+    "lr": 0.05,
+    "progress": False,
+}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("baseline") / "data"
+    return write_dataset(root, classes=("a", "b"), per_class={"train": 6, "valid": 2, "test": 2})
+
+
+def test_a_new_study_runs_the_untuned_default_first(small, capsys):
+    fixed = build_config(TrainConfig, None, {"data": str(small), **FROZEN})
+    space = parse_space({"lr": {"type": "continuous", "min": 0.01, "max": 0.3, "scaling": "log"}})
+    result = tune(TuneSettings(study="b", max_trials=3, heartbeat=1, report=False), fixed, space)
+    err = capsys.readouterr().err
+    # (6 images a class: small data puts head [linear, probe] in the space; linear is default)
+    assert "trial 0 is the untuned default (lr=0.05 head=linear)" in err
+    trials = load_study(result.study, result.storage).get_trials()
+    assert len(trials) == 3
+    assert trials[0].params == {"lr": 0.05, "head": "linear"}
+    assert trials[0].user_attrs[BASELINE] is True
+    assert not any(t.user_attrs.get(BASELINE) for t in trials[1:])
+    # the study names its choice, and says how the default was weighed (cross-validated here)
+    assert result.best["trial"] == best_trial(load_study(result.study, result.storage)).number
+    assert ("default is kept" in err) or ("is chosen" in err) or ("is the best trial" in err)
+    # continued, the study does not run the default again
+    tune(TuneSettings(study="b", max_trials=4, heartbeat=1, report=False), fixed, space)
+    trials = load_study(result.study, result.storage).get_trials()
+    assert sum(bool(t.user_attrs.get(BASELINE)) for t in trials) == 1
+
+
+def test_a_default_outside_the_space_is_said_and_not_run(small, capsys):
+    fixed = build_config(TrainConfig, None, {"data": str(small), **FROZEN})
+    space = parse_space({"lr": {"type": "continuous", "min": 0.1, "max": 0.3}})
+    result = tune(TuneSettings(study="out", max_trials=1, heartbeat=1, report=False), fixed, space)
+    assert (
+        "no baseline trial: the default lr=0.05 lies outside the space" in capsys.readouterr().err
+    )
+    (t,) = load_study(result.study, result.storage).get_trials()
+    assert BASELINE not in t.user_attrs and 0.1 <= t.params["lr"] <= 0.3
+
+
+def test_tune_best_json_shows_the_choice(small, vt, tmp_path):
+    (tmp_path / "space.yaml").write_text("lr: {type: continuous, min: 0.01, max: 0.3}\n")
+    args = ["--data", str(small), "--study", "cli", "--space", "space.yaml", "--max-trials", "2",
+            "--epochs", "2", "--batch-size", "4", "--set", "model=tiny_cnn", "--weights", "none",
+            "--trainable", "head", "--augment", "none", "--workers", "0", "--lr", "0.05",
+            "--heartbeat", "1"]  # fmt: skip
+    out = vt("tune", *args)
+    assert out.returncode == 0, out.stderr
+    assert "trial 0 is the untuned default (lr=0.05 head=linear)" in out.stderr
+    best = vt("tune", "best", "cli", "--json")
+    assert best.returncode == 0, best.stderr
+    summary = json.loads(best.stdout)
+    assert summary["baseline"] == (summary["trial"] == 0)
+    assert summary["selection"]
