@@ -207,7 +207,8 @@ def _train_or_launch(cfg, options: dict[str, Any]):
 
     o = options
     try:
-        if o["nproc_per_node"] is not None:  # validated above: the same command on every process
+        # The config is checked (built) before launching; each process runs this same command.
+        if o["nproc_per_node"] is not None:
             code = _launch(
                 cfg,
                 o["nproc_per_node"],
