@@ -209,10 +209,10 @@ def tune_script_command(**o) -> None:
     ``tune`` command with all of its options."""
     import json
 
+    from visiontune.cli.tune_shared import echo_counts_and_best, tune_settings
     from visiontune.errors import UserError
     from visiontune.script.config import load_ranges
     from visiontune.script.tune import tune_script
-    from visiontune.tuning.study import TuneSettings
 
     job, nb = _job_from_options(
         o["entry_point"],
@@ -249,32 +249,24 @@ def tune_script_command(**o) -> None:
     parallel = pick("parallel", nb.max_parallel_jobs if nb else None)
     strategy = pick("strategy", nb.strategy if nb else None)
     early = pick("early_stopping", nb.early_stopping if nb else None)
-    try:
-        settings = TuneSettings(
-            study=o["study"],
-            study_dir=str(o["study_dir"]) if o["study_dir"] else None,
-            storage=o["storage"],
-            objective=objective,
-            direction=direction,
-            max_trials=max_trials,
-            parallel=parallel,
-            strategy=strategy,
-            early_stopping=early,
-            timeout=o["timeout"],
-            max_retry=o["max_retry"],
-            heartbeat=o["heartbeat"],
-            seed=o["seed"],
-            train_best=o["train_best"],
-            warm_start=list(o["warm_start"] or []),
-            keep_checkpoints=o["keep_checkpoints"],
-        )
-    except Exception as e:
-        from pydantic import ValidationError
-
-        if not isinstance(e, ValidationError):
-            raise
-        err = e.errors()[0]
-        raise UserError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from e
+    settings = tune_settings(
+        study=o["study"],
+        study_dir=str(o["study_dir"]) if o["study_dir"] else None,
+        storage=o["storage"],
+        objective=objective,
+        direction=direction,
+        max_trials=max_trials,
+        parallel=parallel,
+        strategy=strategy,
+        early_stopping=early,
+        timeout=o["timeout"],
+        max_retry=o["max_retry"],
+        heartbeat=o["heartbeat"],
+        seed=o["seed"],
+        train_best=o["train_best"],
+        warm_start=list(o["warm_start"] or []),
+        keep_checkpoints=o["keep_checkpoints"],
+    )
     result = tune_script(
         settings, job, space, objective_value=o["objective_value"], echo=not o["json_out"]
     )
@@ -289,12 +281,7 @@ def tune_script_command(**o) -> None:
     if o["json_out"]:
         typer.echo(json.dumps(summary, indent=2))
         return
-    counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(result.counts.items()))
-    typer.echo(f"study {result.study}: {counts}")
-    if result.best:
-        b = result.best
-        params = " ".join(f"{k}={v}" for k, v in b["params"].items())
-        typer.echo(f"best trial {b['trial']}: {b['objective']}={b['value']:.6g}  {params}")
+    echo_counts_and_best(result)
     if result.report:
         typer.echo(f"report: {result.report}")
     if result.best_run:

@@ -129,35 +129,60 @@ def train(
         None, help="A-B: record steps A..B with torch.profiler (trace in RUN/profile/)."
     ),
 ) -> None:
+    options = dict(locals())  # every option by name, for the steps below
+    cfg = _with_switches(_config_from_options(options), options)
+    result = _train_or_launch(cfg, options)
     from visiontune import dist
+
+    if dist.is_main_process():
+        _echo_result(result, json_out)
+
+
+def _config_from_options(options: dict[str, Any]):
+    """The run's ``TrainConfig``: --config (or the resumed run's config.yaml), the flags over
+    it, then --set and --callback.
+
+    Raises:
+        UserError: nothing to train on, nothing to resume, or a bad option.
+    """
     from visiontune.config import TrainConfig, build_config, parse_overrides
     from visiontune.errors import UserError
-    from visiontune.train import TrainingInterrupted
-    from visiontune.train import train as run_train
 
     flags: dict[str, Any] = {
         k: v
-        for k, v in locals().items()
+        for k, v in options.items()
         if k in TrainConfig.model_fields and v is not None and k != "config"
     }
-    flags.update(parse_overrides(set_ or []))
-    if callback:
-        flags["callbacks"] = list(callback)
+    flags.update(parse_overrides(options["set_"] or []))
+    if options["callback"]:
+        flags["callbacks"] = list(options["callback"])
+    resume = options["resume"]
     if resume:
         from visiontune.train import pull_remote_run
 
-        saved = pull_remote_run(resume, endpoint_url) / "config.yaml"
+        saved = pull_remote_run(resume, options["endpoint_url"]) / "config.yaml"
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} does not exist")
-        cfg = build_config(TrainConfig, saved, {**flags, "output": resume})
-    else:
-        if data is None and config is None:
-            raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
-        cfg = build_config(TrainConfig, config, flags)
-    if debug:
+        return build_config(TrainConfig, saved, {**flags, "output": resume})
+    if options["data"] is None and options["config"] is None:
+        raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
+    return build_config(TrainConfig, options["config"], flags)
+
+
+def _with_switches(cfg, options: dict[str, Any]):
+    """``cfg`` with the flags that switch on a section: --debug, --profile-steps, --tracking
+    (with --register-model and --tracking-optional).
+
+    Raises:
+        UserError: a bad --profile-steps window.
+    """
+    from visiontune.errors import UserError
+
+    if options["debug"]:
         from visiontune.debug.config import DebuggerConfig
 
         cfg.debugger = (cfg.debugger or DebuggerConfig()).model_copy(update={"enabled": True})
+    profile_steps = options["profile_steps"]
     if profile_steps:
         from visiontune.profile.config import parse_step_window
 
@@ -168,12 +193,32 @@ def train(
         cfg.profiler.profile_steps = profile_steps  # the rest of the profiler section is kept
     from visiontune.tracking.config import with_tracking_flags
 
-    cfg = with_tracking_flags(cfg, tracking_uri, register_model, tracking_optional)
+    o = options
+    return with_tracking_flags(cfg, o["tracking_uri"], o["register_model"], o["tracking_optional"])
+
+
+def _train_or_launch(cfg, options: dict[str, Any]):
+    """Train in this process, or (--nproc-per-node) start this command on torchrun and exit
+    with its code. Ctrl-C stops at a step boundary with one line and exit code 128+signal; a
+    rank of a distributed run that fails reports its one line before the traceback."""
+    from visiontune import dist
+    from visiontune.train import TrainingInterrupted
+    from visiontune.train import train as run_train
+
+    o = options
     try:
-        if nproc_per_node is not None:  # validated above: the same command on every process
-            code = _launch(cfg, nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts)
+        # The config is checked (built) before launching; each process runs this same command.
+        if o["nproc_per_node"] is not None:
+            code = _launch(
+                cfg,
+                o["nproc_per_node"],
+                o["nnodes"],
+                o["node_rank"],
+                o["rdzv_endpoint"],
+                o["max_restarts"],
+            )
             raise SystemExit(code)
-        result = run_train(cfg, resume=bool(resume))
+        return run_train(cfg, resume=bool(o["resume"]))
     except TrainingInterrupted as e:
         if dist.is_main_process():  # every rank stopped at the same step; one says so
             same = " and the same --nproc-per-node" if dist.env_world_size() > 1 else ""
@@ -183,8 +228,10 @@ def train(
         if dist.env_world_size() > 1:
             dist.report_failure(e)  # this rank's one line, for torchrun and the launcher
         raise
-    if not dist.is_main_process():
-        return
+
+
+def _echo_result(result, json_out: bool) -> None:
+    """Where the model went and its test accuracy: a line, or the summary as JSON."""
     summary = {
         "run_dir": str(result.run_dir),
         "model_dir": str(result.model_dir),

@@ -143,93 +143,126 @@ def tune(
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
+    options = dict(locals())  # every option by name, for the steps below
     if entry_point or job_config:
-        from visiontune.cli.script import tune_script_command
-
-        if trial_nproc != 1:
-            from visiontune.errors import UserError
-
-            raise UserError(
-                "--trial-nproc runs visiontune's own training; a script trial is one job"
-            )
-
-        args = {k: v for k, v in locals().items() if k != "tune_script_command"}
-        tune_script_command(**args)
+        _tune_script(options)
         return
-    from visiontune.config import TrainConfig, build_config, parse_overrides
-    from visiontune.errors import UserError
-    from visiontune.tuning.space import load_space
-    from visiontune.tuning.study import TuneSettings
-    from visiontune.tuning.study import tune as run_tune
-
     if space is None and data is None and config is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
-    if space is None:
-        raise UserError("say what to tune: --space SPACE.yaml (see examples/dogbreed-tuning.yaml)")
-    if data is None and config is None and not any(s.startswith("data=") for s in set_ or []):
-        raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
-    ranges = load_space(space)
-    flags: dict[str, Any] = {
-        k: v
-        for k, v in {
-            "data": data,
-            "seed": seed,
-            "model": model,
-            "weights": weights,
-            "trainable": trainable,
-            "augment": augment,
-            "augment_views": augment_views,
-            "lr": lr,
-            "batch_size": batch_size,
-            "epochs": epochs,
-            "workers": workers,
-            "device": device,
-            "limit_per_class": limit_per_class,
-        }.items()
-        if v is not None
-    }
-    flags.update(parse_overrides(set_ or []))
-    fixed = build_config(TrainConfig, config, flags)
-    try:
-        settings = TuneSettings(
-            study=study,
-            study_dir=str(study_dir) if study_dir else None,
-            storage=storage,
-            objective=objective,
-            direction=direction,
-            max_trials=max_trials,
-            parallel=parallel,
-            trial_nproc=trial_nproc,
-            strategy=strategy,
-            early_stopping=early_stopping,
-            timeout=timeout,
-            max_retry=max_retry,
-            heartbeat=heartbeat,
-            seed=seed,
-            warm_start=list(warm_start or []),
-            train_best=train_best,
-            keep_checkpoints=keep_checkpoints,
-            cv=_cv_option(cv),
-        )
-    except Exception as e:  # pydantic: a bad --strategy or --direction
-        from pydantic import ValidationError
-
-        if not isinstance(e, ValidationError):
-            raise
-        err = e.errors()[0]
-        raise UserError(f"invalid --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from e
+    ranges, fixed = _space_and_fixed_options(options)
+    settings = _tune_settings(options)
     del resume  # continuing is what re-running does; the flag documents intent
+    _echo_result(_run_study(settings, fixed, ranges), json_out)
+
+
+def _tune_script(options: dict[str, Any]) -> None:
+    """Script mode (``--entry-point`` or ``--job-config``): trials run the user's script."""
+    from visiontune.cli.script import tune_script_command
+
+    if options["trial_nproc"] != 1:
+        from visiontune.errors import UserError
+
+        raise UserError("--trial-nproc runs visiontune's own training; a script trial is one job")
+    tune_script_command(**options)
+
+
+# The flags that fix a training option (unless the space tunes it), in TrainConfig's names.
+_FIXED_FLAGS = (
+    "data",
+    "seed",
+    "model",
+    "weights",
+    "trainable",
+    "augment",
+    "augment_views",
+    "lr",
+    "batch_size",
+    "epochs",
+    "workers",
+    "device",
+    "limit_per_class",
+)
+
+
+def _space_and_fixed_options(options: dict[str, Any]) -> tuple[Any, Any]:
+    """The ranges (--space) and the fixed training options (--config, the flags, --set).
+
+    Raises:
+        UserError: no --space, nothing to train on, or a bad space file or option.
+    """
+    from visiontune.config import TrainConfig, build_config, parse_overrides
+    from visiontune.errors import UserError
+    from visiontune.tuning.space import load_space
+
+    set_ = options["set_"] or []
+    if options["space"] is None:
+        raise UserError("say what to tune: --space SPACE.yaml (see examples/dogbreed-tuning.yaml)")
+    given_data = any(s.startswith("data=") for s in set_)
+    if options["data"] is None and options["config"] is None and not given_data:
+        raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
+    ranges = load_space(options["space"])
+    flags: dict[str, Any] = {k: options[k] for k in _FIXED_FLAGS if options[k] is not None}
+    flags.update(parse_overrides(set_))
+    return ranges, build_config(TrainConfig, options["config"], flags)
+
+
+# The options that are TuneSettings fields as they are.
+_SETTINGS_OPTIONS = (
+    "study",
+    "storage",
+    "objective",
+    "direction",
+    "max_trials",
+    "parallel",
+    "trial_nproc",
+    "strategy",
+    "early_stopping",
+    "timeout",
+    "max_retry",
+    "heartbeat",
+    "seed",
+    "train_best",
+    "keep_checkpoints",
+)
+
+
+def _tune_settings(options: dict[str, Any]):
+    """How to tune (a ``TuneSettings``), from the study's options.
+
+    Raises:
+        UserError: a bad value (--cv, --strategy, --direction...), naming its flag.
+    """
+    from visiontune.cli.tune_shared import tune_settings
+
+    study_dir = options["study_dir"]
+    return tune_settings(
+        **{k: options[k] for k in _SETTINGS_OPTIONS},
+        study_dir=str(study_dir) if study_dir else None,
+        warm_start=list(options["warm_start"] or []),
+        cv=_cv_option(options["cv"]),
+    )
+
+
+def _run_study(settings, fixed, ranges):
+    """Run the study; Ctrl-C (or SIGTERM) stops it with a line saying how to continue."""
     from visiontune.train import TrainingInterrupted
+    from visiontune.tuning.study import tune as run_tune
 
     try:
-        result = run_tune(settings, fixed, ranges)
+        return run_tune(settings, fixed, ranges)
     except TrainingInterrupted as e:
         # The interrupted trial is marked failed; finished ones are in the study already.
         typer.echo(
             "stopped; completed trials are kept, re-run the same command to continue", err=True
         )
         raise typer.Exit(128 + e.signum) from None
+
+
+def _echo_result(result, json_out: bool) -> None:
+    """The study's counts, best trial, report and final run: as lines or as JSON."""
+    from visiontune.cli.tune_shared import echo_counts_and_best
+
     summary = {
         "study": result.study,
         "study_dir": str(result.study_dir),
@@ -242,13 +275,9 @@ def tune(
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
         return
-    counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(result.counts.items()))
-    typer.echo(f"study {result.study}: {counts}")
+    echo_counts_and_best(result)
     if result.best:
-        b = result.best
-        params = " ".join(f"{k}={v}" for k, v in b["params"].items())
-        typer.echo(f"best trial {b['trial']}: {b['objective']}={b['value']:.6g}  {params}")
-        typer.echo(f"best model: {b['model_dir']}")
+        typer.echo(f"best model: {result.best['model_dir']}")
     if result.report:
         typer.echo(f"report: {result.report}")
     if result.best_run:

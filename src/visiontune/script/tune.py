@@ -176,17 +176,11 @@ def create_script_study(
 
 
 def _run_workers(settings, storage_url: str, study_dir: Path) -> None:
-    from visiontune.tuning.workers import run_worker, spawn_workers, wait_workers
+    from visiontune.tuning.study import run_local_worker
+    from visiontune.tuning.workers import spawn_workers, wait_workers
 
     if settings.parallel == 1:
-        run_worker(
-            settings.study,
-            storage_url,
-            study_dir,
-            heartbeat=settings.heartbeat,
-            timeout=settings.timeout,
-            worker=0,
-        )
+        run_local_worker(settings, storage_url, study_dir, timeout=settings.timeout)
         return
     procs = spawn_workers(
         settings.parallel,

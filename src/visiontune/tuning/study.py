@@ -391,28 +391,12 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
         )
     start = time.monotonic()
     if settings.parallel == 1:
-        run_worker(
-            settings.study,
-            storage_url,
-            study_dir,
-            heartbeat=settings.heartbeat,
-            timeout=settings.timeout,
-            worker=0,
-            trial_nproc=settings.trial_nproc,
-        )
+        run_local_worker(settings, storage_url, study_dir, timeout=settings.timeout)
     else:
         if fast and not counted_trials(study):
             # One trial here first computes the backbone features once; the workers then all
             # read them from the cache instead of computing them side by side.
-            run_worker(
-                settings.study,
-                storage_url,
-                study_dir,
-                heartbeat=settings.heartbeat,
-                max_new_trials=1,
-                worker=0,
-                trial_nproc=settings.trial_nproc,
-            )
+            run_local_worker(settings, storage_url, study_dir, max_new_trials=1)
         left = (
             None
             if settings.timeout is None
@@ -439,6 +423,30 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     if settings.train_best:
         result.best_run = train_best(study, study_dir / "best")
     return result
+
+
+def run_local_worker(settings: TuneSettings, storage_url: str, study_dir: Path, **limit) -> int:
+    """Run trials of the study in this process, as worker 0 (the index that seeds the first
+    sampler), with the settings' heartbeat and processes per trial.
+
+    Args:
+        settings: the study's name, heartbeat and ``trial_nproc``.
+        storage_url: the study's storage.
+        study_dir: where the trial runs go.
+        limit: ``timeout`` or ``max_new_trials`` of :func:`~visiontune.tuning.workers.run_worker`.
+
+    Returns:
+        The number of trials it ran.
+    """
+    return run_worker(
+        settings.study,
+        storage_url,
+        study_dir,
+        heartbeat=settings.heartbeat,
+        worker=0,
+        trial_nproc=settings.trial_nproc,
+        **limit,
+    )
 
 
 def study_result(
