@@ -154,3 +154,6 @@ def test_tune_best_json_shows_the_choice(small, vt, tmp_path):
     summary = json.loads(best.stdout)
     assert summary["baseline"] == (summary["trial"] == 0)
     assert summary["selection"]
+    off = vt("tune", *args[:3], "nobase", *args[4:7], "1", *args[8:], "--no-baseline")
+    assert off.returncode == 0, off.stderr
+    assert "untuned default" not in off.stderr

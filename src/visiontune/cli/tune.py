@@ -93,6 +93,12 @@ def tune(
         "refits on train+valid) | 0 (off) | auto (on when valid has < 20 images per class "
         "and trials train on cached features).",
     ),
+    baseline: bool = typer.Option(
+        True,
+        "--baseline/--no-baseline",
+        help="A new study's first trial is the untuned default, and the study keeps it unless "
+        "a trial beats it by more than the objective's noise.",
+    ),
     seed: int = typer.Option(None, help="Seed of training and of the sampler."),
     model: str = typer.Option(None, help="Backbone (fixed)."),
     weights: str = typer.Option(None, help="imagenet | none | PATH (fixed)."),
@@ -224,6 +230,7 @@ _SETTINGS_OPTIONS = (
     "seed",
     "train_best",
     "keep_checkpoints",
+    "baseline",
 )
 
 
