@@ -157,3 +157,27 @@ def test_tune_best_json_shows_the_choice(small, vt, tmp_path):
     off = vt("tune", *args[:3], "nobase", *args[4:7], "1", *args[8:], "--no-baseline")
     assert off.returncode == 0, off.stderr
     assert "untuned default" not in off.stderr
+
+
+def test_the_baseline_is_what_train_would_use_small_data_defaults_included(small):
+    from visiontune import smalldata
+    from visiontune.tuning.baseline import untuned_default
+
+    given = build_config(
+        TrainConfig, None, {"data": str(small), "model": "tiny_cnn", "weights": "none",
+                            "trainable": "head", "augment": "none", "workers": 0},
+    )  # fmt: skip
+    space = parse_space(
+        {
+            "label_smoothing": {"type": "continuous", "min": 0.0, "max": 0.2},
+            "epochs": {"type": "integer", "min": 1, "max": 100},
+        }
+    )
+    n_train, classes = smalldata.training_size(given)
+    # the study's fixed options leave tuned parameters alone; `train` would not
+    fixed, _ = smalldata.apply(given, n_train, classes, tuned=space.names)
+    assert fixed.label_smoothing == 0.0
+    trained, _ = smalldata.apply(given, n_train, classes)
+    assert trained.label_smoothing == 0.1 and trained.epochs != given.epochs
+    stored = untuned_default(given, fixed, space, n_train, classes)
+    assert stored == {"params": {"label_smoothing": 0.1, "epochs": trained.epochs}}

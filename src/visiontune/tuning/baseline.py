@@ -56,20 +56,39 @@ def baseline_params(fixed, space) -> tuple[dict[str, Any] | None, str]:
     return params, ""
 
 
-def enqueue_baseline(study, fixed, space, strategy: str) -> tuple[dict[str, Any] | None, str]:
-    """Make a new study's first trial the untuned default.
+def untuned_default(given, fixed, space, n_train: int, classes: int) -> dict[str, Any]:
+    """What the study stores about its baseline: ``{"params": ...}`` (the values ``visiontune
+    train`` would use for the tuned parameters, small-data defaults included, since the space
+    leaves the fixed options' own values of them unset), or ``{"why": ...}`` when a default
+    lies outside the space.
+
+    Args:
+        given: the fixed options as the user gave them (before the small-data changes).
+        fixed: the study's fixed options.
+        space: the study's space.
+        n_train: training images (what the small-data defaults depend on).
+        classes: number of classes.
+    """
+    from visiontune import smalldata
+
+    untuned, _ = smalldata.apply(given, n_train, classes, tuned=())
+    params, why = baseline_params(untuned, space)
+    return {"params": params} if params is not None else {"why": why}
+
+
+def enqueue_baseline(study, stored: dict[str, Any] | None, strategy: str) -> dict[str, Any]:
+    """Make a new study's first trial the untuned default (``stored`` by
+    :func:`untuned_default`).
 
     Returns:
-        ``(params, "")`` when enqueued; ``(None, why not)`` when a default lies outside the
-        space; ``(None, "")`` for a study that already has trials, or a grid (which runs its
-        own points).
+        ``stored`` when enqueued or when it says why not; ``{}`` for a study that already has
+        trials, a grid (which runs its own points) or a study from before baselines.
     """
-    if strategy == "grid" or study.get_trials(deepcopy=False):
-        return None, ""
-    params, why = baseline_params(fixed, space)
-    if params is not None:
-        study.enqueue_trial(params, user_attrs={BASELINE: True}, skip_if_exists=True)
-    return params, why
+    if not stored or strategy == "grid" or study.get_trials(deepcopy=False):
+        return {}
+    if stored.get("params") is not None:
+        study.enqueue_trial(stored["params"], user_attrs={BASELINE: True}, skip_if_exists=True)
+    return stored
 
 
 def _done(study) -> list:

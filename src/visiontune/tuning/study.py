@@ -34,7 +34,7 @@ from visiontune.tuning._base import (
     direction_for,
     quiet_optuna,
 )
-from visiontune.tuning.baseline import enqueue_baseline
+from visiontune.tuning.baseline import enqueue_baseline, untuned_default
 from visiontune.tuning.space import RESERVED, SearchSpace
 from visiontune.tuning.storage import (
     default_storage,
@@ -193,7 +193,8 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_objective(settings.objective)
-    fixed, space, small_lines = _small_data(fixed, space)
+    given = fixed
+    fixed, space, small_lines, size = _small_data(fixed, space)
     fixed_values = _fixed_for_storage(fixed)
     space.validate(fixed_values)
     if settings.strategy == "grid":
@@ -223,6 +224,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         "cv": cv.folds,  # folds per trial (0: plain validation); see visiontune.tuning.cv
         "cv_note": cv.line,
         "valid_images": cv.valid_images,  # the noise of a plain accuracy (tuning.baseline)
+        "baseline": untuned_default(given, fixed, space, *size),  # trial 0, if in the space
     }
     with quiet_optuna():
         try:
@@ -259,14 +261,14 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
 
 
 def _small_data(fixed, space: SearchSpace):
-    """The study's fixed options and space on a small data set (``visiontune.smalldata``) and
-    the lines that say what changed (none: unchanged)."""
+    """The study's fixed options and space on a small data set (``visiontune.smalldata``), the
+    lines that say what changed (none: unchanged), and ``(training images, classes)``."""
     from visiontune import smalldata
 
     n_train, classes = smalldata.training_size(fixed)
     fixed, line = smalldata.apply(fixed, n_train, classes, tuned=space.names)
     space, space_line = smalldata.small_space(space, fixed, n_train, classes)
-    return fixed, space, [said for said in (line, space_line) if said]
+    return fixed, space, [said for said in (line, space_line) if said], (n_train, classes)
 
 
 def _stored_options(study):
@@ -345,17 +347,20 @@ def _warm_start(study, settings: TuneSettings, space: SearchSpace, storage_url: 
     print(f"warm start: seeded the sampler with {added} earlier trial(s)", file=sys.stderr)
 
 
-def _baseline_first(study, fixed, space: SearchSpace, strategy: str) -> None:
+def _baseline_first(study, strategy: str) -> None:
     """A new study's first trial is the untuned default (``tuning.baseline``); say so."""
-    params, why = enqueue_baseline(study, fixed, space, strategy)
-    if params is not None:
+    said = enqueue_baseline(study, study.user_attrs[ATTR].get("baseline"), strategy)
+    if said.get("params") is not None:
         print(
-            f"trial 0 is the untuned default ({fmt_params(params)}): the study keeps it unless "
-            "a trial beats it by more than the objective's noise",
+            f"trial 0 is the untuned default ({fmt_params(said['params'])}): the study keeps it "
+            "unless a trial beats it by more than the objective's noise",
             file=sys.stderr,
         )
-    elif why:
-        print(f"no baseline trial: {why}, so no trial is the untuned default", file=sys.stderr)
+    elif said.get("why"):
+        print(
+            f"no baseline trial: {said['why']}, so no trial is the untuned default",
+            file=sys.stderr,
+        )
 
 
 def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
@@ -375,7 +380,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     study, storage_url, study_dir = create_study(settings, fixed, space)
     fixed, space = _stored_options(study)  # with what small data changed (create_study)
     if settings.baseline:
-        _baseline_first(study, fixed, space, settings.strategy)
+        _baseline_first(study, settings.strategy)
     study_dir.mkdir(parents=True, exist_ok=True)
     # Trials train on cached features (augmented views too, when the space draws their number).
     fast = fixed.uses_feature_cache or (
