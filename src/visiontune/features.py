@@ -183,7 +183,9 @@ class AugmentedViews(Dataset):
     def __getitem__(self, j: int):
         v, i = divmod(j, self.n)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(view_seed(self.seed, i, self.views[v]))
+            # The CPU generator alone (what augmentation draws from): torch.manual_seed would
+            # also reseed the GPU's, which fork_rng(devices=[]) does not restore.
+            torch.default_generator.manual_seed(view_seed(self.seed, i, self.views[v]))
             return self.base[i]
 
 

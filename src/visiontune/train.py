@@ -1205,10 +1205,14 @@ class EpochSampler(Sampler):
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset so item ``(i, seed)`` is produced under ``torch.manual_seed(seed)``.
+    """Wraps a dataset so item ``(i, seed)`` is produced with the CPU generator seeded by
+    ``seed``.
 
-    The global RNG is forked around each item, so seeding a sample in the main process (no
-    workers) does not disturb the RNG stream that dropout draws from.
+    The CPU generator is forked around each item, and only it is seeded (``torch.manual_seed``
+    would reseed the GPU's too, and fork_rng(devices=[]) would not restore it), so seeding a
+    sample in the main process (no workers) does not disturb the stream dropout draws from, on
+    the CPU or a GPU. Found on an H100: a CUDA run over cached augmented views resumed with
+    other dropout masks than the uninterrupted run, whose view pass had reseeded the GPU.
     """
 
     def __init__(self, base: Dataset, seeded: bool = True):
@@ -1222,7 +1226,7 @@ class SeededSamples(Dataset):
         if not self.seeded:
             return self.base[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.base[index]
 
 

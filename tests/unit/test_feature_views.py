@@ -166,3 +166,28 @@ def test_train_augment_views_from_the_console_entry_point(data, tmp_path):
     assert "from cached backbone features, 4 augmented views (light) per training image" in p.stderr
     assert "augment_views: 4" in (out / "config.yaml").read_text()
     assert json.loads((out / "model" / "model.json").read_text())["config"]["augment_views"] == 4
+
+
+def test_seeding_an_augmentation_leaves_the_gpu_dropout_stream_alone(monkeypatch):
+    # Found on an H100: torch.manual_seed inside fork_rng(devices=[]) reseeded the GPU's
+    # generator (not restored), so a CUDA run that computed its views drew other dropout masks
+    # than its resumed copy that read them from the cache. Only the CPU generator is seeded.
+    from torch.utils.data import TensorDataset
+
+    from visiontune.train import SeededSamples
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+
+    class Draw(TensorDataset):
+        def __getitem__(self, i):
+            return torch.rand(1)
+
+    base = Draw(torch.zeros(3))
+    views = features.AugmentedViews(base, seed=0, views=[0, 1])
+    first = [views[j] for j in range(len(views))]
+    assert [views[j] for j in range(len(views))] == first  # each view is still seeded
+    seeded = SeededSamples(base)
+    assert seeded[(1, 7)] == seeded[(1, 7)] and seeded[(1, 7)] != seeded[(1, 8)]
+    assert reseeded == []
