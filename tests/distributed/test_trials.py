@@ -70,7 +70,7 @@ def study(dataset, tmp_path_factory):
     cmd = [sys.executable, "-m", "visiontune", "tune", "--data", str(dataset), "--space",
            str(space), "--study", "s", "--max-trials", "2", "--strategy", "grid",
            "--trial-nproc", "2", *sets, "--set=callbacks=[rank_faults:KillRank1InFirstTrial]",
-           "--heartbeat", "1"]  # fmt: skip
+           "--heartbeat", "1", "--objective", "valid_loss"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     study_dir = where / "studies" / "s"
     return proc, load_study("s", str(study_dir / "journal.log")), study_dir

@@ -115,6 +115,11 @@ def test_a_new_study_runs_the_untuned_default_first(small, capsys):
     err = capsys.readouterr().err
     # (6 images a class: small data puts head [linear, probe] in the space; linear is default)
     assert "trial 0 is the untuned default (lr=0.05 head=linear)" in err
+    # no objective named, on small data: accuracy, not the loss that favours overconfidence
+    assert "small data: the objective is valid_accuracy" in err
+    assert load_study(result.study, result.storage).user_attrs[ATTR]["objective"] == (
+        "valid_accuracy"
+    )
     trials = load_study(result.study, result.storage).get_trials()
     assert len(trials) == 3
     assert trials[0].params == {"lr": 0.05, "head": "linear"}

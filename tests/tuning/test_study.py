@@ -84,6 +84,7 @@ def test_median_rule_prunes_bad_trials_early(tiny_data):
         tiny_data,
         space,
         study="prune",
+        objective="valid_loss",  # named: on this small set the default would be accuracy
         strategy="random",
         early_stopping="auto",
         max_trials=8,

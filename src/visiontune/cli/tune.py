@@ -55,7 +55,11 @@ def tune(
     set_: list[str] = typer.Option(
         None, "--set", help="Fixed training option KEY=VALUE (repeatable)."
     ),
-    objective: str = typer.Option("valid_loss", help="Metric to optimise (any logged metric)."),
+    objective: str = typer.Option(
+        None,
+        help="Metric to optimise (any logged metric; default valid_loss, valid_accuracy on "
+        "small data).",
+    ),
     direction: str = typer.Option("auto", help="minimize | maximize | auto (loss: minimize)."),
     max_trials: int = typer.Option(
         10, "--max-trials", help="Finished (complete + pruned) trials wanted."
@@ -243,8 +247,11 @@ def _tune_settings(options: dict[str, Any]):
     from visiontune.cli.tune_shared import tune_settings
 
     study_dir = options["study_dir"]
+    given = {k: options[k] for k in _SETTINGS_OPTIONS}
+    if given["objective"] is None:  # unnamed: TuneSettings' default, or small data's choice
+        del given["objective"]
     return tune_settings(
-        **{k: options[k] for k in _SETTINGS_OPTIONS},
+        **given,
         study_dir=str(study_dir) if study_dir else None,
         warm_start=list(options["warm_start"] or []),
         cv=_cv_option(options["cv"]),

@@ -195,6 +195,13 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     check_objective(settings.objective)
     given = fixed
     fixed, space, small_lines, size = _small_data(fixed, space)
+    if "objective" not in settings.model_fields_set:  # none named: small data may choose
+        from visiontune.smalldata import small_objective
+
+        objective, line = small_objective(given, *size)
+        if objective is not None:
+            settings = settings.model_copy(update={"objective": objective})
+            small_lines.append(line)
     fixed_values = _fixed_for_storage(fixed)
     space.validate(fixed_values)
     if settings.strategy == "grid":
