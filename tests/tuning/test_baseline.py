@@ -184,5 +184,5 @@ def test_the_baseline_is_what_train_would_use_small_data_defaults_included(small
     assert fixed.label_smoothing == 0.0
     trained, _ = smalldata.apply(given, n_train, classes)
     assert trained.label_smoothing == 0.1 and trained.epochs != given.epochs
-    stored = untuned_default(given, fixed, space, n_train, classes)
+    stored = untuned_default(given, space, n_train, classes)
     assert stored == {"params": {"label_smoothing": 0.1, "epochs": trained.epochs}}

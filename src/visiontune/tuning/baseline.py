@@ -56,7 +56,7 @@ def baseline_params(fixed, space) -> tuple[dict[str, Any] | None, str]:
     return params, ""
 
 
-def untuned_default(given, fixed, space, n_train: int, classes: int) -> dict[str, Any]:
+def untuned_default(given, space, n_train: int, classes: int) -> dict[str, Any]:
     """What the study stores about its baseline: ``{"params": ...}`` (the values ``visiontune
     train`` would use for the tuned parameters, small-data defaults included, since the space
     leaves the fixed options' own values of them unset), or ``{"why": ...}`` when a default
@@ -64,7 +64,6 @@ def untuned_default(given, fixed, space, n_train: int, classes: int) -> dict[str
 
     Args:
         given: the fixed options as the user gave them (before the small-data changes).
-        fixed: the study's fixed options.
         space: the study's space.
         n_train: training images (what the small-data defaults depend on).
         classes: number of classes.

@@ -231,7 +231,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         "cv": cv.folds,  # folds per trial (0: plain validation); see visiontune.tuning.cv
         "cv_note": cv.line,
         "valid_images": cv.valid_images,  # the noise of a plain accuracy (tuning.baseline)
-        "baseline": untuned_default(given, fixed, space, *size),  # trial 0, if in the space
+        "baseline": untuned_default(given, space, *size),  # trial 0, if in the space
     }
     with quiet_optuna():
         try:
