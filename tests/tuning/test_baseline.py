@@ -82,6 +82,15 @@ def test_plain_validation_weighs_accuracy_by_the_size_of_valid(valid_images, cho
     assert best_trial(study).number == chosen
 
 
+def test_a_tie_at_the_top_keeps_the_default():
+    folds = [1.0, 1.0, 0.75, 1.0, 1.0]
+    study = study_of("valid_accuracy", [(mean(folds), folds, True), (mean(folds), folds, False)])
+    assert best_trial(study).number == 0
+    assert (
+        selection_note(study) == "trial 1 ties the untuned default (trial 0): the default is kept"
+    )
+
+
 def test_without_a_baseline_or_a_noise_estimate_the_top_trial_is_chosen():
     study = study_of("valid_accuracy", [(0.80, None, False), (0.85, None, False)])
     assert best_trial(study).number == 1 and selection_note(study) is None

@@ -140,6 +140,10 @@ def choose(study) -> tuple[Any, str | None]:
     if noise is None:
         return best, None
     gain = (base.value - best.value) if minimize else (best.value - base.value)
+    if gain <= 0:  # a tie at the top (the later trial wins ties): the default stands
+        return base, f"trial {best.number} ties the untuned default (trial {base.number}): " + (
+            "the default is kept"
+        )
     said = f"trial {best.number} beats the untuned default (trial {base.number}) by {gain:.3g}"
     if gain > noise:
         return best, f"{said}, more than its noise {noise:.2g}: trial {best.number} is chosen"
