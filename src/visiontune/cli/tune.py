@@ -423,6 +423,8 @@ def best(
     typer.echo(f"best trial {summary['trial']}: {summary['objective']}={summary['value']:.6g}")
     for k, v in summary["params"].items():
         typer.echo(f"  {k}: {v}")
+    if summary.get("selection"):  # how the untuned default was weighed (tuning.baseline)
+        typer.echo(summary["selection"])
     typer.echo(f"model: {summary['model_dir']}")
     if "best_run" in summary:
         typer.echo(f"final model trained in {summary['best_run']}")
