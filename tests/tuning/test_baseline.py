@@ -168,6 +168,8 @@ def test_tune_best_json_shows_the_choice(small, vt, tmp_path):
     summary = json.loads(best.stdout)
     assert summary["baseline"] == (summary["trial"] == 0)
     assert summary["selection"]
+    said = vt("tune", "best", "cli")
+    assert said.returncode == 0 and summary["selection"] in said.stdout
     off = vt("tune", *args[:3], "nobase", *args[4:7], "1", *args[8:], "--no-baseline")
     assert off.returncode == 0, off.stderr
     assert "untuned default" not in off.stderr
