@@ -82,7 +82,9 @@ def render_report(study) -> str:
             f"<p><b>Best trial {best['trial']}</b>: {html.escape(cfg['objective'])} = "
             f"{best['value']:.6g} with "
             f"<code>{html.escape(fmt_params(best['params']))}</code>"
-            f"<br>model: <code>{html.escape(str(best['model_dir']))}</code></p>"
+            f"<br>model: <code>{html.escape(str(best['model_dir']))}</code>"
+            + (f"<br>{html.escape(best['selection'])}" if best.get("selection") else "")
+            + "</p>"
         )
     )
     counts_txt = ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items()))
