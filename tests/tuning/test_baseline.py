@@ -9,13 +9,15 @@ import json
 import optuna
 import pytest
 from helpers import write_dataset
+from test_cv_tune import FROZEN as CV_FROZEN
 
 from visiontune.config import TrainConfig, build_config
 from visiontune.tuning._base import ATTR, BASELINE, CV_VALUES
+from visiontune.tuning.baseline import choose
 from visiontune.tuning.space import parse_space
 from visiontune.tuning.storage import load_study
 from visiontune.tuning.study import TuneSettings, tune
-from visiontune.tuning.trials import best_summary, best_trial, selection_note
+from visiontune.tuning.trials import best_summary, best_trial
 
 LR = optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)
 
@@ -38,6 +40,10 @@ def study_of(objective: str, trials: list[tuple[float, list[float] | None, bool]
             )
         )
     return study
+
+
+def selection_note(study):
+    return choose(study)[1]
 
 
 def mean(xs):
@@ -99,17 +105,7 @@ def test_without_a_baseline_or_a_noise_estimate_the_top_trial_is_chosen():
     assert best_trial(study).number == 1
 
 
-FROZEN = {
-    "model": "tiny_cnn",
-    "weights": "none",
-    "trainable": "head",
-    "augment": "none",
-    "workers": 0,
-    "epochs": 2,
-    "batch_size": 4,
-    "lr": 0.05,
-    "progress": False,
-}
+FROZEN = {**CV_FROZEN, "lr": 0.05}  # a frozen tiny_cnn on cached features, lr named
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,13 @@ from visiontune.profile.store import SeriesWriter
 
 
 class _Gpus:
-    """NVML handles, or nothing when nvidia-ml-py or a driver is missing (a CPU machine)."""
+    """NVML handles, or nothing when nvidia-ml-py or a driver is missing (a CPU machine) or
+    when not ``enabled`` (the run does not use a GPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.handles: list[Any] = []
+        if not enabled:
+            return
         try:
             import pynvml
 
@@ -61,13 +64,6 @@ class _Gpus:
                 pass
 
 
-class _NoGpus(_Gpus):
-    """No GPU columns (the run does not use one)."""
-
-    def __init__(self) -> None:
-        self.handles = []
-
-
 class SystemSampler:
     """Samples the machine every ``interval`` seconds in a daemon thread until :meth:`stop`.
 
@@ -88,7 +84,7 @@ class SystemSampler:
         self._children: dict[int, Any] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.gpus = _Gpus() if gpus else _NoGpus()
+        self.gpus = _Gpus(enabled=gpus)
         self.samples = 0
         self.max_workers = 0
 

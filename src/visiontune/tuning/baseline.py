@@ -14,7 +14,7 @@ the default by more than the noise of that comparison:
   of two accuracies measured on the validation images (binomial);
 * a loss objective on plain validation has no noise estimate: the top trial is chosen.
 
-Nothing is hidden: ``selection_note`` says which trial was chosen and why.
+Nothing is hidden: :func:`choose` returns the line that says which trial was chosen and why.
 """
 
 from __future__ import annotations
@@ -114,23 +114,27 @@ def _gain_noise(top, base, objective: str, valid_images: int | None) -> float | 
     return None
 
 
-def top(study):
-    """The complete trial with the best objective value (the first of equals), or ``None``."""
-    done = _done(study)
+def _top(done: list, minimize: bool):
     if not done:
         return None
-    minimize = study.direction.name == "MINIMIZE"
     return (min if minimize else max)(done, key=lambda t: (t.value, t.number))
+
+
+def top(study):
+    """The complete trial with the best objective value, or ``None``. Of equal values the
+    later trial is the top when maximising, the earlier when minimising."""
+    return _top(_done(study), study.direction.name == "MINIMIZE")
 
 
 def choose(study) -> tuple[Any, str | None]:
     """The trial a study chooses and, where the default was weighed against the top trial,
     the line that says how (``(None, None)`` with no complete trial)."""
-    best = top(study)
+    done = _done(study)
+    minimize = study.direction.name == "MINIMIZE"
+    best = _top(done, minimize)
     if best is None:
         return None, None
-    minimize = study.direction.name == "MINIMIZE"
-    bases = [t for t in _done(study) if t.user_attrs.get(BASELINE)]
+    bases = [t for t in done if t.user_attrs.get(BASELINE)]
     if not bases or best.user_attrs.get(BASELINE):
         note = f"the untuned default (trial {best.number}) is the best trial" if bases else None
         return best, note
@@ -140,7 +144,7 @@ def choose(study) -> tuple[Any, str | None]:
     if noise is None:
         return best, None
     gain = (base.value - best.value) if minimize else (best.value - base.value)
-    if gain <= 0:  # a tie at the top (the later trial wins ties): the default stands
+    if gain <= 0:  # a tie at the top (maximising, the later trial is top): the default stands
         return base, f"trial {best.number} ties the untuned default (trial {base.number}): " + (
             "the default is kept"
         )

@@ -48,7 +48,6 @@ from visiontune.tuning.trials import (
     best_trial,
     counted_trials,
     fmt_params,
-    selection_note,
     trial_counts,
 )
 from visiontune.tuning.workers import (
@@ -425,9 +424,8 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
         )
         wait_workers(procs)
     study, result = study_result(settings, storage_url, study_dir)
-    note = selection_note(study)
-    if note:
-        print(note, file=sys.stderr)
+    if result.best and result.best["selection"]:  # how the untuned default was weighed
+        print(result.best["selection"], file=sys.stderr)
     if fixed.tracking is not None:  # the study's parent run in MLflow: states, best, report
         from visiontune.tracking.tuning import log_study
 

@@ -57,14 +57,9 @@ def top_trial(study):
     return baseline.top(study)
 
 
-def selection_note(study) -> str | None:
-    """How the chosen trial was weighed against the untuned default (``None``: it was not)."""
-    return baseline.choose(study)[1]
-
-
 def best_summary(study) -> dict[str, Any] | None:
     """The best trial as plain data: parameters, objective value, and where its model is."""
-    t = best_trial(study)
+    t, note = baseline.choose(study)
     if t is None:
         return None
     cfg = study_config(study)
@@ -76,7 +71,7 @@ def best_summary(study) -> dict[str, Any] | None:
         "value": t.value,
         "params": dict(t.params),
         "baseline": bool(t.user_attrs.get(BASELINE)),
-        "selection": selection_note(study),
+        "selection": note,
         "epochs_run": t.user_attrs.get(EPOCHS_RUN),
         "run_dir": t.user_attrs.get(RUN_DIR),
         "model_dir": t.user_attrs.get(MODEL_DIR),
