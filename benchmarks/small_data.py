@@ -216,6 +216,9 @@ def main() -> int:
     os.environ.setdefault("VISIONTUNE_HOME", str(work / "home"))
     print(f"{machine()}; {args.trials} trials; work dir {work}")
     results: dict[str, dict[str, list[float]]] = {}
+    # Runs of other sets or backbones in the same work dir stay in results.json.
+    saved = work / "results.json"
+    kept = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in args.sets.split(","):
         for model in args.models.split(","):
             key = f"{name} / {model}"
@@ -224,7 +227,7 @@ def main() -> int:
                 print(f"{key} seed {seed}: " + json.dumps({k: round(v, 4) for k, v in r.items()}))
                 for k, v in r.items():
                     results.setdefault(key, {}).setdefault(k, []).append(v)
-            (work / "results.json").write_text(json.dumps(results, indent=1))
+            saved.write_text(json.dumps({**kept, **results}, indent=1))
     print()
     header = f"{'data set / backbone':40}{'(a) probe':>14}{'(b) default':>14}{'(c) tuned':>14}"
     print(header + f"{'c-b':>7}{'c-a':>7}  (test accuracy %, mean ±sd over seeds)")
