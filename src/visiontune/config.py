@@ -234,11 +234,22 @@ class TrainConfig(BaseModel):
         # computed once (frozen backbone, no per-epoch augmentation), and a convex problem.
         if self.head != "probe":
             return self
+        if (
+            self.frozen_backbone
+            and self.feature_cache
+            and self.augment_views == 0
+            and not {"augment", "augment_views"} & self.model_fields_set
+        ):
+            # The probe is a logistic regression on the frozen features: asked for without
+            # a word about augmentation, it fits on the plain ones (recorded in config.yaml).
+            object.__setattr__(self, "augment", "none")
         if not self.uses_feature_cache:
             raise ValueError(
                 "head=probe fits on cached backbone features: it needs trainable=head, "
-                f"augment=none and feature_cache=true (here trainable={self.trainable}, "
-                f"augment={self.augment}, feature_cache={str(self.feature_cache).lower()})"
+                "feature_cache=true, and augment=none (plain features) or augment_views >= 1 "
+                f"(cached augmented views) (here trainable={self.trainable}, "
+                f"feature_cache={str(self.feature_cache).lower()}, augment={self.augment}, "
+                f"augment_views={self.augment_views})"
             )
         if not self.weight_decay > 0:
             raise ValueError("head=probe needs weight_decay > 0 (its L2 strength)")

@@ -204,10 +204,26 @@ def test_cli_flags_set_the_head_and_averaging(image_dataset, tmp_path, cli):
     for line in ("head: mlp", "head_hidden: 8", "weight_averaging: swa", "swa_start: 0.5", "ema_decay: 0.5"):  # fmt: skip
         assert line in saved
     assert json.loads((run / "model" / "model.json").read_text())["head"]["hidden"] == 8
-    code, _, err = cli("train", "--data", image_dataset, "--output", tmp_path / "x", "--head", "probe")  # fmt: skip
+
+
+def test_probe_asked_for_alone_fits_the_plain_features(image_dataset, tmp_path, cli):
+    # `--head probe` with nothing said about augmentation: a probe on the plain cached
+    # features (the default light augmentation would refuse the probe), recorded as such.
+    tiny = ("--set", "model=tiny_cnn", "--weights", "none", "--workers", "0", "--epochs", "1",
+            "--set", "report=false", "--head", "probe")  # fmt: skip
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", image_dataset, "--output", run, *tiny)
+    assert code == 0, err
+    assert "augment: none" in (run / "config.yaml").read_text()
+    # Augmentation asked for without cached views: refused in one line that names both ways out.
+    proc = vt("train", "--data", image_dataset, "--output", tmp_path / "x", *tiny, "--augment", "light")  # fmt: skip
+    code, err = proc.returncode, proc.stderr
     assert code != 0 and "Traceback" not in err
     assert "head=probe fits on cached backbone features" in err
+    assert "augment=none (plain features) or augment_views >= 1" in err
     assert len(err.strip().splitlines()) == 1
+    code, _, err = cli("train", "--data", image_dataset, "--output", tmp_path / "views", *tiny, "--augment", "light", "--augment-views", "2")  # fmt: skip
+    assert code == 0, err
 
 
 # --------------------------------------------------------------------------------------------
