@@ -101,8 +101,10 @@ class TrainConfig(BaseModel):
     augment_views: int = Field(
         0,
         ge=0,
+        le=64,
         description="with a frozen backbone and augment light|strong, cache the backbone "
-        "features of K augmented views per training image and train on them (0: off)",
+        "features of K augmented views per training image and train on them (0: off; at most "
+        "64: each view is a full backbone pass over the training images)",
     )
     grad_clip: float | None = Field(None, gt=0.0)
     # weight averaging of the trainable part over the last epochs (issue #16)

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from visiontune.device import autocast
+from visiontune.errors import UserError
 from visiontune.io import atomic_write
 
 FEATURE_FORMAT = 1
@@ -157,6 +158,32 @@ def _mix(x: int) -> int:
 def view_seed(seed: int, index: int, view: int) -> int:
     """The seed that draws view ``view`` of training image ``index`` for run seed ``seed``."""
     return _mix(_mix(_mix(seed) ^ index) ^ (view + 0x5EED)) % (2**63)
+
+
+def check_views_fit(
+    views: int, images: int, feature_dim: int, available: int | None = None
+) -> None:
+    """Refuse, before any compute, cached views whose features would not fit in memory.
+
+    The head trains on all ``views`` x ``images`` feature rows held at once (float32), and
+    computing the missing ones briefly holds them twice; more than that against the memory
+    available now would end in the kernel killing the run after the whole backbone pass.
+
+    Raises:
+        UserError: the features need more than half the available memory.
+    """
+    need = 2 * views * images * feature_dim * 4
+    if available is None:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    if need > available // 2:
+        gib = 2**30
+        raise UserError(
+            f"augment_views {views}: the features of {views} views of {images} images "
+            f"({feature_dim} wide) need about {need / gib:.1f} GiB of memory while computed, "
+            f"and {available / gib:.1f} GiB is available: use fewer views"
+        )
 
 
 def view_choice(sample_seed: int, views: int) -> int:

@@ -562,6 +562,8 @@ def _cached_views(
     missing = [v for v, got in enumerate(found) if job.dist.any(got is None)]
     if missing:
         loader = views_loader(missing)
+        images = len(loader.dataset) // len(missing)
+        feature_cache.check_views_fit(cfg.augment_views, images, job.model.feature_dim)
         span = f"{missing[0] + 1}-{missing[-1] + 1}" if len(missing) > 1 else f"{missing[0] + 1}"
         f, y, bad = _compute_features(job, "train_views", f"features train views {span}", loader)
         # View-major rows; a bad image is bad in every view, so each view has the same rows.

@@ -19,6 +19,7 @@ from test_train import FAST, _resume, _run_script
 from visiontune import features
 from visiontune.callbacks import Callback
 from visiontune.config import TrainConfig, build_config
+from visiontune.errors import UserError
 from visiontune.train import EpochSampler, train
 
 # A frozen random tiny_cnn: features in about a second, and views that differ per augmentation.
@@ -166,6 +167,26 @@ def test_train_augment_views_from_the_console_entry_point(data, tmp_path):
     assert "from cached backbone features, 4 augmented views (light) per training image" in p.stderr
     assert "augment_views: 4" in (out / "config.yaml").read_text()
     assert json.loads((out / "model" / "model.json").read_text())["config"]["augment_views"] == 4
+
+
+def test_too_many_views_are_refused_in_one_line_before_any_compute(data, tmp_path):
+    # 65 views: over the bound, refused by the config before the data is read.
+    base = [sys.executable, "-m", "visiontune", "train", "--data", str(data),
+            "--set", "model=tiny_cnn", "--weights", "none", "--workers", "0"]  # fmt: skip
+    p = subprocess.run([*base, "--output", str(tmp_path / "a"), "--augment-views", "65"],
+                       capture_output=True, text=True, timeout=240, env=os.environ.copy())  # fmt: skip
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [
+        "error: invalid config value for 'augment_views': Input should be less than or equal to 64"
+    ]
+    assert not (tmp_path / "a").exists()
+
+
+def test_views_whose_features_exceed_memory_are_refused():
+    # 64 views of 100,000 images 1280 wide: 61 GiB while computed, against 16 GiB free.
+    with pytest.raises(UserError, match=r"augment_views 64: .* need about 61.0 GiB .* 16.0 GiB is available: use fewer views"):  # fmt: skip
+        features.check_views_fit(64, 100_000, 1280, available=16 * 2**30)
+    features.check_views_fit(8, 245, 1280, available=16 * 2**30)  # hymenoptera's 8 views: 20 MB
 
 
 def test_seeding_an_augmentation_leaves_the_gpu_dropout_stream_alone(monkeypatch):
