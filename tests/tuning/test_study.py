@@ -200,6 +200,18 @@ def test_cli_tune_status_best_report(tiny_data, tmp_path, vt):
     assert changed.returncode == 2
     assert changed.stderr.strip().startswith("error: study 's1' already exists")
 
+    # A new study where trial runs it does not own are (here: its storage was removed) would
+    # fail its trial 0, the untuned default, on trials/0000: refused before any trial instead.
+    trials = tmp_path / "studies" / "s1" / "trials"
+    before = sorted(p.name for p in trials.iterdir())
+    (tmp_path / "studies" / "s1" / "journal.log").unlink()
+    fresh = vt(*args, cwd=tmp_path)
+    assert fresh.returncode == 2 and "Traceback" not in fresh.stderr
+    [line] = fresh.stderr.strip().splitlines()
+    assert line.startswith(f"error: {Path('studies/s1/trials')} holds 3 trial runs (0000...) ")
+    assert line.endswith("choose another --study-dir, or move them away")
+    assert sorted(p.name for p in trials.iterdir()) == before
+
     bad = vt(
         "tune",
         "--data",

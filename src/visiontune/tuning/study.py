@@ -234,6 +234,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     }
     with quiet_optuna():
         try:
+            _check_new_study_owns_its_trials(storage, settings.study, study_dir)
             study = optuna.create_study(
                 study_name=settings.study,
                 storage=storage,
@@ -264,6 +265,29 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     for line in (*small_lines, cv.line):  # every check passed: the study starts with these
         print(line, file=sys.stderr)
     return study, storage_url, study_dir
+
+
+def _check_new_study_owns_its_trials(storage, name: str, study_dir: Path) -> None:
+    """A study that its storage does not hold yet must not start where trial runs already
+    are: its trial 0 (the untuned default) would find another study's run in ``trials/0000``,
+    fail, and leave the study without its baseline.
+
+    Raises:
+        UserError: ``study_dir/trials`` holds runs and the study is new.
+    """
+    try:
+        storage.get_study_id_from_name(name)
+        return  # continued: the runs are its own
+    except KeyError:
+        pass
+    trials = study_dir / "trials"
+    held = sorted(p.name for p in trials.iterdir()) if trials.is_dir() else []
+    if held:
+        raise UserError(
+            f"{trials} holds {len(held)} trial runs ({held[0]}...) that no study named "
+            f"{name!r} in this storage owns (another study's, or its storage was removed): "
+            "choose another --study-dir, or move them away"
+        )
 
 
 def _small_data(fixed, space: SearchSpace):
