@@ -49,14 +49,19 @@ def check_views(views: int) -> int:
 
 def views_from_flags(tta: bool, views: int | None) -> int:
     """The view count the CLI's ``--tta`` and ``--tta-views N`` ask for (``--tta-views`` implies
-    ``--tta``); 0 when TTA is off.
+    ``--tta``, so ``--tta-views 0`` is out of range like 1); 0 when TTA is off.
 
     Raises:
         UserError: a view count out of range.
     """
     if views is None:
         return DEFAULT_VIEWS if tta else 0
-    return check_views(views) if views else 0
+    if views == 0:  # check_views takes 0 as off (config files); a flag asking for TTA does not
+        raise UserError(
+            f"--tta-views must be between 2 (image + its mirror) and {MAX_VIEWS}, got 0 "
+            "(leave out --tta and --tta-views for no TTA)"
+        )
+    return check_views(views)
 
 
 def view_names(views: int) -> list[str]:

@@ -133,6 +133,7 @@ def test_serve_and_predict_flags_refuse_a_bad_view_count_in_one_line(model_dir, 
     for args in (
         ("serve", model_dir, "--tta-views", "13", "--port", "0"),
         ("predict", image, "--model", model_dir, "--tta-views", "1"),
+        ("predict", image, "--model", model_dir, "--tta", "--tta-views", "0"),
     ):
         code, _, err = cli(*args)
         assert code != 0
