@@ -178,11 +178,17 @@ def check_views_fit(
 
         available = int(psutil.virtual_memory().available)
     if need > available // 2:
-        gib = 2**30
+
+        def size(n: int) -> str:
+            for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+                if n >= scale:
+                    return f"{n / scale:.1f} {unit}"
+            return f"{n / 2**10:.0f} KiB"
+
         raise UserError(
             f"augment_views {views}: the features of {views} views of {images} images "
-            f"({feature_dim} wide) need about {need / gib:.1f} GiB of memory while computed, "
-            f"and {available / gib:.1f} GiB is available: use fewer views"
+            f"({feature_dim} wide) need about {size(need)} of memory while computed, "
+            f"and {size(available)} is available: use fewer views"
         )
 
 

@@ -563,7 +563,18 @@ def _cached_views(
     if missing:
         loader = views_loader(missing)
         images = len(loader.dataset) // len(missing)
-        feature_cache.check_views_fit(cfg.augment_views, images, job.model.feature_dim)
+        refused: UserError | None = None
+        try:
+            feature_cache.check_views_fit(cfg.augment_views, images, job.model.feature_dim)
+        except UserError as e:
+            refused = e
+        # Every rank stops, or none: one rank short of memory must not leave the others
+        # waiting in the views pass's collectives.
+        if job.dist.any(refused is not None):
+            raise refused or UserError(
+                f"augment_views {cfg.augment_views}: another rank lacks the memory for the "
+                "views' features: use fewer views"
+            )
         span = f"{missing[0] + 1}-{missing[-1] + 1}" if len(missing) > 1 else f"{missing[0] + 1}"
         f, y, bad = _compute_features(job, "train_views", f"features train views {span}", loader)
         # View-major rows; a bad image is bad in every view, so each view has the same rows.

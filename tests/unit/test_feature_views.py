@@ -189,6 +189,22 @@ def test_views_whose_features_exceed_memory_are_refused():
     features.check_views_fit(8, 245, 1280, available=16 * 2**30)  # hymenoptera's 8 views: 20 MB
 
 
+def test_a_run_short_of_memory_for_its_views_stops_before_the_views_pass(data, tmp_path, monkeypatch):  # fmt: skip
+    import psutil
+
+    real = psutil.virtual_memory()
+    # 16 KiB available: 4 views of 12 images 64 wide need 24 KiB while computed.
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=2**14))
+    passes = FeaturePasses()
+    cfg = build_config(TrainConfig, None, {**VIEWS, "data": str(data), "output": str(tmp_path / "r"), "augment_views": 4})  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"augment_views 4: the features of 4 views of 12 images \(64 wide\) need about 24 KiB of memory while computed, and 16 KiB is available",
+    ):
+        train(cfg, [passes])
+    assert "train_views" not in passes.splits
+
+
 def test_seeding_an_augmentation_leaves_the_gpu_dropout_stream_alone(monkeypatch):
     # Found on an H100: torch.manual_seed inside fork_rng(devices=[]) reseeded the GPU's
     # generator (not restored), so a CUDA run that computed its views drew other dropout masks
