@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from helpers import (  # noqa: F401  (re-exported)
 
 # Keep tests to the two cores of the CI machine, and deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# A test that imports openvino itself (pytest.importorskip) must not send OpenVINO's usage
+# telemetry either (visiontune.serving.runtimes._import_openvino says why).
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ process with SIGSEGV. That was the single-process test suite's crash at about 55
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,31 @@ def test_models_freed_in_any_order_leave_signal_handling_working(model_dir):
     )
     assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-2000:]}"
     assert p.stdout.split() == ["handled", "still", "alive"]
+
+
+TELEMETRY = """
+import os, sys
+from visiontune.serving.runtimes import load_runtime
+
+load_runtime("auto", sys.argv[1], device="cpu")  # picks openvino: its detection imports it
+load_runtime("openvino", sys.argv[1], device="cpu")
+print(sys.modules.get("openvino_telemetry", "absent"))
+"""
+
+
+def test_loading_openvino_sends_no_telemetry_and_writes_nothing_home(model_dir, tmp_path):
+    # `import openvino` alone sent a Google Analytics event from a forked process and kept a
+    # usage count in ~/intel; the runtime loads OpenVINO with its telemetry package blocked.
+    pytest.importorskip("openvino")
+    home = tmp_path / "home"
+    home.mkdir()
+    p = subprocess.run(
+        [sys.executable, "-c", TELEMETRY, str(model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "HOME": str(home), "CI": "false"},
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["None"]  # blocked: ovc fell back to its no-op stub
+    assert not (home / "intel").exists()

@@ -142,7 +142,7 @@ class OpenVinoRuntime:
         threads: int | None = None,
     ):
         try:
-            import openvino as ov
+            ov = _import_openvino()
         except ImportError:
             raise UserError(
                 "--runtime openvino needs the openvino package: pip install 'visiontune[openvino]'"
@@ -171,6 +171,23 @@ class OpenVinoRuntime:
         # One infer request: the batcher calls predict from one thread at a time.
         logits = self.request.infer({0: x})[self.compiled.output(0)]
         return torch.softmax(torch.from_numpy(logits.copy()).float(), dim=1)
+
+
+def _import_openvino():
+    """``import openvino`` without OpenVINO's usage telemetry.
+
+    ``import openvino`` imports ``openvino.tools.ovc``, which sends a usage event to Google
+    Analytics unless the user opted out in ``~/intel`` (no opt-out file counts as consent), from a
+    process forked off a thread pool. A server must not report to a third party, and that fork
+    from a threaded process once deadlocked on the import lock: the child outlived its server
+    (seen after a test run, stuck resolving Google's host name). With the telemetry package
+    made unimportable here, ovc takes its own no-op stub; nothing is written to ``~/intel``.
+    """
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # ImportError: stub
+    import openvino
+
+    return openvino
 
 
 @contextlib.contextmanager
@@ -260,7 +277,7 @@ def resolve_runtime(name: str, device: str = "auto", precision: str = "auto") ->
 
 def _installed(module: str) -> bool:
     try:
-        __import__(module)
+        _import_openvino() if module == "openvino" else __import__(module)
     except ImportError:
         return False
     return True
