@@ -19,7 +19,7 @@ from helpers import (  # noqa: F401  (re-exported)
 # Keep tests to the two cores of the CI machine, and deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # A test that imports openvino itself (pytest.importorskip) must not send OpenVINO's usage
-# telemetry either (visiontune.serving.runtimes._import_openvino says why).
+# telemetry either (visiontune.serving.runtimes says why, where it is blocked).
 sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 

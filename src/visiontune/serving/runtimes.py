@@ -21,6 +21,15 @@ from visiontune.data.transforms import Preprocess
 from visiontune.device import available_cores
 from visiontune.errors import UserError
 
+# OpenVINO without its usage telemetry. `import openvino` imports openvino.tools.ovc, which
+# sends a usage event to Google Analytics unless the user opted out in ~/intel (no opt-out file
+# counts as consent), from a process forked off a thread pool, and counts uses in ~/intel. A
+# server must not report to a third party, and that fork from a threaded process once
+# deadlocked on the import lock and outlived its server (seen after a test run, stuck resolving
+# Google's host name). Unimportable here, the package is replaced by ovc's own no-op stub. Set
+# once at import, before any code below (runtime detection included) can import openvino.
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -142,7 +151,7 @@ class OpenVinoRuntime:
         threads: int | None = None,
     ):
         try:
-            ov = _import_openvino()
+            import openvino as ov
         except ImportError:
             raise UserError(
                 "--runtime openvino needs the openvino package: pip install 'visiontune[openvino]'"
@@ -171,23 +180,6 @@ class OpenVinoRuntime:
         # One infer request: the batcher calls predict from one thread at a time.
         logits = self.request.infer({0: x})[self.compiled.output(0)]
         return torch.softmax(torch.from_numpy(logits.copy()).float(), dim=1)
-
-
-def _import_openvino():
-    """``import openvino`` without OpenVINO's usage telemetry.
-
-    ``import openvino`` imports ``openvino.tools.ovc``, which sends a usage event to Google
-    Analytics unless the user opted out in ``~/intel`` (no opt-out file counts as consent), from a
-    process forked off a thread pool. A server must not report to a third party, and that fork
-    from a threaded process once deadlocked on the import lock: the child outlived its server
-    (seen after a test run, stuck resolving Google's host name). With the telemetry package
-    made unimportable here, ovc takes its own no-op stub; nothing is written to ``~/intel``.
-    """
-    if "openvino_telemetry" not in sys.modules:
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # ImportError: stub
-    import openvino
-
-    return openvino
 
 
 @contextlib.contextmanager
@@ -277,7 +269,7 @@ def resolve_runtime(name: str, device: str = "auto", precision: str = "auto") ->
 
 def _installed(module: str) -> bool:
     try:
-        _import_openvino() if module == "openvino" else __import__(module)
+        __import__(module)
     except ImportError:
         return False
     return True
