@@ -161,18 +161,23 @@ def view_seed(seed: int, index: int, view: int) -> int:
 
 
 def check_views_fit(
-    views: int, images: int, feature_dim: int, available: int | None = None
+    views: int,
+    images: int,
+    feature_dim: int,
+    available: int | None = None,
+    processes: int = 1,
 ) -> None:
     """Refuse, before any compute, cached views whose features would not fit in memory.
 
     The head trains on all ``views`` x ``images`` feature rows held at once (float32), and
     computing the missing ones briefly holds them twice; more than that against the memory
     available now would end in the kernel killing the run after the whole backbone pass.
+    Under torchrun every one of this machine's ``processes`` holds them all.
 
     Raises:
         UserError: the features need more than half the available memory.
     """
-    need = 2 * views * images * feature_dim * 4
+    need = 2 * views * images * feature_dim * 4 * processes
     if available is None:
         import psutil
 
@@ -185,9 +190,10 @@ def check_views_fit(
                     return f"{n / scale:.1f} {unit}"
             return f"{n / 2**10:.0f} KiB"
 
+        each = f" in each of {processes} processes" if processes > 1 else ""
         raise UserError(
             f"augment_views {views}: the features of {views} views of {images} images "
-            f"({feature_dim} wide) need about {size(need)} of memory while computed, "
+            f"({feature_dim} wide{each}) need about {size(need)} of memory while computed, "
             f"and {size(available)} is available: use fewer views"
         )
 

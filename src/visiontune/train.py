@@ -565,7 +565,12 @@ def _cached_views(
         images = len(loader.dataset) // len(missing)
         refused: UserError | None = None
         try:
-            feature_cache.check_views_fit(cfg.augment_views, images, job.model.feature_dim)
+            feature_cache.check_views_fit(
+                cfg.augment_views,
+                images,
+                job.model.feature_dim,
+                processes=job.dist.local_world_size,
+            )
         except UserError as e:
             refused = e
         # Every rank stops, or none: one rank short of memory must not leave the others

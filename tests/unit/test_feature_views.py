@@ -189,6 +189,14 @@ def test_views_whose_features_exceed_memory_are_refused():
     features.check_views_fit(8, 245, 1280, available=16 * 2**30)  # hymenoptera's 8 views: 20 MB
 
 
+def test_the_views_memory_check_counts_every_process_on_the_machine():
+    # 8 views of 50,000 images 1280 wide: 3.8 GiB while computed, fine in one process of 16 GiB
+    # free; under torchrun with 8 processes on the machine, each holds them all: 30.5 GiB.
+    features.check_views_fit(8, 50_000, 1280, available=16 * 2**30)
+    with pytest.raises(UserError, match=r"1280 wide in each of 8 processes\) need about 30.5 GiB"):
+        features.check_views_fit(8, 50_000, 1280, available=16 * 2**30, processes=8)
+
+
 def test_a_run_short_of_memory_for_its_views_stops_before_the_views_pass(data, tmp_path, monkeypatch):  # fmt: skip
     import psutil
 
