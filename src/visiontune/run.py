@@ -136,14 +136,24 @@ class RunDir:
 
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
-        """Create the directory; if the start fails, remove what this start created."""
+        """Create the directory; if the start fails, remove what this start created.
+
+        In a directory that already existed (an empty folder made for the run, a resumed run)
+        only the entries this start added are removed: a ``split.json`` left behind would be
+        read back by the next start as its own split, whatever split it asks for.
+        """
         created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        before = set() if created else {p.name for p in self.path.iterdir()}
         try:
             yield
         except BaseException:
             if created:
                 shutil.rmtree(self.path, ignore_errors=True)
+            else:
+                for entry in self.path.iterdir():
+                    if entry.name not in before:
+                        _remove(entry)
             raise
 
     # ---- the torchrun job that writes the run (so a restarted group finds its own run)
@@ -299,6 +309,14 @@ class RunDir:
         from visiontune.uri import upload_tree
 
         upload_tree(self.path, self.remote, self.endpoint_url)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder, whichever ``path`` is; a failure to is not this run's error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class FollowerRunDir(RunDir):

@@ -341,8 +341,9 @@ def _resolve_runtime(cfg: TrainConfig) -> tuple[Runtime, dist.Group]:
 def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
     """Discover the dataset and the splits this run uses (recorded in the run directory)."""
     from visiontune.data.folder import discover
-    from visiontune.data.splits import pooled_splits, resolve_splits
+    from visiontune.data.splits import check_recorded_settings, pooled_splits, resolve_splits
 
+    check_recorded_settings(run.path, cfg.split_ratios, cfg.split_seed)
     index = discover(
         cfg.data,
         endpoint_url=cfg.endpoint_url,

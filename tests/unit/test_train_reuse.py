@@ -1,0 +1,89 @@
+"""Training into a folder that already holds something: a failed start leaves nothing of its
+own behind, and a split recorded with other settings is refused instead of silently reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import TINY_TRAIN, write_dataset
+
+from visiontune.config import TrainConfig, build_config
+from visiontune.errors import UserError
+from visiontune.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cfg_for(data: Path, out: Path, **kw) -> TrainConfig:
+    values = {**TINY_TRAIN, "data": str(data), "output": str(out), "epochs": 1, **kw}
+    return build_config(TrainConfig, None, values)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "visiontune", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.fixture
+def class_folders(tmp_path: Path) -> Path:
+    """Class folders with no split folders: training splits them and records the split."""
+    return write_dataset(tmp_path / "flat", per_class=8, splits=None)
+
+
+def test_a_failed_start_in_an_existing_folder_leaves_no_split_for_the_next_run(
+    class_folders, tmp_path
+):
+    out = tmp_path / "run"
+    out.mkdir()  # made by hand (or by a job scheduler) before training
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="batch_size 100 is larger"):
+        train(cfg_for(class_folders, out, batch_size=100))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the user's file is kept
+
+    # The fixed retry asks for a bigger test split. Before, it read back the failed start's
+    # split.json (80/10/10) and tested on 2 images while its config.yaml said 50/25/25.
+    train(cfg_for(class_folders, out, split_ratios=(0.5, 0.25, 0.25)))
+
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["count"] == 4  # a quarter of each class of 8 (80/10/10 tests on 2)
+    assert json.loads((out / "split.json").read_text())["ratios"] == [0.5, 0.25, 0.25]
+
+
+def test_a_split_recorded_with_other_settings_is_refused_in_one_line(class_folders, tmp_path):
+    first = tmp_path / "first"
+    train(cfg_for(class_folders, first))
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copy(first / "split.json", second / "split.json")
+    config = tmp_path / "tiny.json"  # JSON is YAML
+    config.write_text(json.dumps(TINY_TRAIN))
+
+    proc = run_cli(
+        "train", "--config", str(config), "--data", str(class_folders), "--output", str(second),
+        "--epochs", "1", "--set", "split_seed=3",
+    )  # fmt: skip
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "records a split made with split_seed 0 (this run: 3)" in lines[0]
+    assert sorted(p.name for p in second.iterdir()) == ["split.json"]
+
+    # The same settings reuse it: that is how a split is shared on purpose.
+    result = train(cfg_for(class_folders, second))
+    assert (
+        result.test_metrics["count"] == json.loads((first / "evaluation.json").read_text())["count"]
+    )
