@@ -333,9 +333,14 @@ def build_config(
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from e
+        except UnicodeDecodeError:
+            # An image or a checkpoint passed as --config by mistake.
+            raise UserError(f"config file {path} is not a YAML text file") from None
+        except OSError as e:
+            raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
         if not isinstance(loaded, dict):
             raise UserError(f"config file {path} must hold a mapping of keys to values")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
