@@ -312,6 +312,31 @@ def _one_line(err: ValidationError, cls: type[BaseModel]) -> str:
     return f"invalid config value for {where!r}: {msg}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last of two ``lr:`` lines without a word (the YAML spec forbids
+    duplicates), so in a long config file the first one looks set and is not.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` then `key: value` overrides, on purpose
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says what is wrong
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def build_config(
     cls: type[BaseModel] = TrainConfig,
     config_file: str | os.PathLike | None = None,
@@ -333,7 +358,7 @@ def build_config(
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from e
         except UnicodeDecodeError:
