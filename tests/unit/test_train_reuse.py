@@ -87,3 +87,37 @@ def test_a_split_recorded_with_other_settings_is_refused_in_one_line(class_folde
     assert (
         result.test_metrics["count"] == json.loads((first / "evaluation.json").read_text())["count"]
     )
+
+
+def test_resume_refuses_a_dataset_whose_contents_changed(tmp_path):
+    data = write_dataset(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+    train(cfg_for(data, run))
+    checkpoint = (run / "checkpoints" / "last.pt").read_bytes()
+    metrics = (run / "metrics.jsonl").read_text()
+
+    # A class folder added in every split. Before: a size-mismatch traceback from the head.
+    for split in ("train", "valid", "test"):
+        shutil.copytree(data / split / "cat", data / split / "fox")
+    proc = run_cli("train", "--resume", str(run), "--epochs", "2")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [
+        f"error: {run} was training on other data: its classes were cat, dog, now cat, dog, "
+        "fox; a resumed run keeps its data, so restore it or start a new run (--output)"
+    ]
+
+    # Images added to a class. Before: the run resumed quietly over other images.
+    for split in ("train", "valid", "test"):
+        shutil.rmtree(data / split / "fox")
+    shutil.copy(data / "train" / "dog" / "dog_0000.jpg", data / "train" / "dog" / "extra.jpg")
+    with pytest.raises(UserError, match="its train split had 12 images, now 13"):
+        train(cfg_for(data, run, epochs=2), resume=True)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == checkpoint
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+    (data / "train" / "dog" / "extra.jpg").unlink()  # the data as it was: the resume goes on
+    result = train(cfg_for(data, run, epochs=2), resume=True)
+    assert result.best_epoch in (1, 2)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) > len(metrics.splitlines())
