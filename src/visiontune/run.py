@@ -124,10 +124,20 @@ class RunDir:
     def check_can_start(self, resume: bool) -> None:
         """Refuse to write into another run, or to resume what cannot be resumed."""
         if resume:
-            if not (self.checkpoint_path.is_file() or self.previous_checkpoint_path.is_file()):
-                raise UserError(f"nothing to resume: {self.checkpoint_path} does not exist")
+            if not self.has_checkpoint():
+                raise UserError(
+                    f"nothing to resume: {self.checkpoint_path} does not exist (the run stopped "
+                    f"before its first checkpoint); delete {self} to start it over"
+                )
             return
         present = [m for m in RUN_MARKERS if (self.path / m).exists()]
+        if present and not self.has_checkpoint() and not self.is_finished():
+            # Pointing at --resume here would only answer "nothing to resume".
+            raise UserError(
+                f"{self} already holds a training run ({', '.join(present)}) that stopped "
+                "before its first checkpoint, so it cannot be resumed; delete it to start over "
+                "or choose another --output"
+            )
         if present:
             raise UserError(
                 f"{self} already holds a training run ({', '.join(present)}); resume it with "

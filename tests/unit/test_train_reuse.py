@@ -121,3 +121,24 @@ def test_resume_refuses_a_dataset_whose_contents_changed(tmp_path):
     result = train(cfg_for(data, run, epochs=2), resume=True)
     assert result.best_epoch in (1, 2)
     assert len((run / "metrics.jsonl").read_text().splitlines()) > len(metrics.splitlines())
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_to_delete_it(image_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(cfg_for(image_dataset, run))
+    # What a SIGKILL in the first epoch leaves: the config and some metrics, no checkpoint.
+    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(run / "model")
+
+    # Before, each of the two commands pointed at the other: "resume it with --resume" and
+    # "nothing to resume".
+    with pytest.raises(UserError, match="stopped before its first checkpoint") as fresh:
+        train(cfg_for(image_dataset, run))
+    assert "--resume" not in str(fresh.value) and "delete it to start over" in str(fresh.value)
+    proc = run_cli("train", "--resume", str(run))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: nothing to resume: {run}/checkpoints/last.pt does not exist (the run stopped "
+        f"before its first checkpoint); delete {run} to start it over"
+    ]
+    assert (run / "config.yaml").is_file()  # nothing deleted for the user
