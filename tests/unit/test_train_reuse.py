@@ -142,3 +142,30 @@ def test_a_run_killed_before_its_first_checkpoint_says_to_delete_it(image_datase
         f"before its first checkpoint); delete {run} to start it over"
     ]
     assert (run / "config.yaml").is_file()  # nothing deleted for the user
+
+
+def test_an_output_inside_the_dataset_is_refused(class_folders, tmp_path):
+    # `cd photos && visiontune train --data . -o run1`: before, run1/ became a class without
+    # images and every later run on the folder failed until it was removed.
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_TRAIN))
+    proc = subprocess.run(
+        [sys.executable, "-m", "visiontune", "train", "--config", str(config), "--data", ".",
+         "--output", "run1", "--epochs", "1"],
+        capture_output=True, text=True, timeout=120, cwd=class_folders,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: --output run1 is inside the dataset .: the run's folders would read as classes "
+        "there; choose an --output outside the dataset"
+    ]
+    assert sorted(p.name for p in class_folders.iterdir()) == ["cat", "dog"]
+
+    for inside in (class_folders, class_folders / "cat" / "runs" / "a"):
+        with pytest.raises(UserError, match="is inside the dataset"):
+            train(cfg_for(class_folders, inside))
+    assert sorted(p.name for p in class_folders.iterdir()) == ["cat", "dog"]
+    assert not (class_folders / "cat" / "runs").exists()
+    # Beside it is fine, and so is a sibling whose name starts the same.
+    train(cfg_for(class_folders, tmp_path / "flat-run"))
