@@ -131,6 +131,15 @@ class RunDir:
                 )
             return
         present = [m for m in RUN_MARKERS if (self.path / m).exists()]
+        if not present and self.remote is not None:
+            # The local staging copy is this machine's; another machine (or a cleared cache)
+            # has none, and its uploads would overwrite the run already at the remote.
+            present = self._remote_markers()
+            if present:
+                raise UserError(
+                    f"{self} already holds a training run ({', '.join(present)}); resume it "
+                    f"with `visiontune train --resume {self}` or choose another --output"
+                )
         if present and not self.has_checkpoint() and not self.is_finished():
             # Pointing at --resume here would only answer "nothing to resume".
             raise UserError(
@@ -143,6 +152,19 @@ class RunDir:
                 f"{self} already holds a training run ({', '.join(present)}); resume it with "
                 f"`visiontune train --resume {self}` or choose another --output"
             )
+
+    def _remote_markers(self) -> list[str]:
+        """The run markers present at the remote home (names directly under the prefix)."""
+        from visiontune.uri import open_fs, storage_errors
+
+        assert self.remote is not None
+        with storage_errors(self.remote, self.endpoint_url):
+            fs, root = open_fs(self.remote, self.endpoint_url)
+            try:
+                names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+            except FileNotFoundError:
+                return []
+        return [m for m in RUN_MARKERS if m in names]
 
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
