@@ -354,21 +354,7 @@ def build_config(
     """
     values: dict[str, Any] = {}
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            loaded = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from e
-        except UnicodeDecodeError:
-            # An image or a checkpoint passed as --config by mistake.
-            raise UserError(f"config file {path} is not a YAML text file") from None
-        except OSError as e:
-            raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping of keys to values")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        values.update(read_config_file(config_file))
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(values, key.replace("-", "_"), value)
@@ -376,6 +362,30 @@ def build_config(
         return cls.model_validate(values)
     except ValidationError as e:
         raise UserError(_one_line(e, cls)) from e
+
+
+def read_config_file(config_file: str | os.PathLike) -> dict[str, Any]:
+    """The keys of a YAML config file (``-`` in names read as ``_``), not yet validated.
+
+    Raises:
+        UserError: the file is missing, unreadable, not YAML text, names a key twice, or is
+            not a mapping.
+    """
+    path = Path(config_file)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        loaded = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from e
+    except UnicodeDecodeError:
+        # An image or a checkpoint passed as --config by mistake.
+        raise UserError(f"config file {path} is not a YAML text file") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:

@@ -169,3 +169,26 @@ def test_an_output_inside_the_dataset_is_refused(class_folders, tmp_path):
     assert not (class_folders / "cat" / "runs").exists()
     # Beside it is fine, and so is a sibling whose name starts the same.
     train(cfg_for(class_folders, tmp_path / "flat-run"))
+
+
+def test_resume_reads_a_config_file_instead_of_ignoring_it(image_dataset, tmp_path, cli):
+    run = tmp_path / "run"
+    train(cfg_for(image_dataset, run))
+    changed = tmp_path / "changed.yaml"
+    changed.write_text("epochs: 2\nlr: 0.5\n")
+
+    # Before, --config was not read on --resume: this said the run was finished.
+    proc = run_cli("train", "--resume", str(run), "--config", str(changed))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: --resume keeps the run's hyperparameters: lr is 0.5 here but 0.01 in "
+        f"{run}/config.yaml; start a new run (--output) to change it"
+    ]
+
+    longer = tmp_path / "longer.yaml"
+    longer.write_text("epochs: 2\n")
+    code, _, err = cli("train", "--resume", run, "--config", longer)
+    assert code == 0, err
+    assert "extending" in err and "from 1 to 2 epochs" in err
+    valid = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in valid if r["split"] == "valid"] == [1, 2]

@@ -145,7 +145,7 @@ def _config_from_options(options: dict[str, Any]):
     Raises:
         UserError: nothing to train on, nothing to resume, or a bad option.
     """
-    from visiontune.config import TrainConfig, build_config, parse_overrides
+    from visiontune.config import TrainConfig, build_config, parse_overrides, read_config_file
     from visiontune.errors import UserError
 
     flags: dict[str, Any] = {
@@ -163,7 +163,11 @@ def _config_from_options(options: dict[str, Any]):
         saved = pull_remote_run(resume, options["endpoint_url"]) / "config.yaml"
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} does not exist")
-        return build_config(TrainConfig, saved, {**flags, "output": resume})
+        # A --config file counts as what this call asks, under the flags: the resume checks
+        # it against the run like any flag (more epochs extend the run; a changed
+        # hyperparameter is refused) instead of not reading it.
+        asked = read_config_file(options["config"]) if options["config"] else {}
+        return build_config(TrainConfig, saved, {**asked, **flags, "output": resume})
     if options["data"] is None and options["config"] is None:
         raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
     return build_config(TrainConfig, options["config"], flags)
