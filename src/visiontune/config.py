@@ -341,13 +341,17 @@ def build_config(
     cls: type[BaseModel] = TrainConfig,
     config_file: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> Any:
     """Build a validated config from an optional YAML file and overrides (overrides win).
 
     Args:
         cls: the pydantic model to build.
         config_file: a YAML mapping of config keys.
-        overrides: keys given on the command line; ``None`` values are ignored.
+        overrides: keys given on the command line; ``None`` values are ignored (a flag not
+            given).
+        settings: ``--set KEY=VALUE`` pairs (:func:`parse_overrides`), applied last; here
+            ``None`` is a value (``--set limit_per_class=null`` unsets what the file set).
 
     Raises:
         UserError: the file is missing or not a mapping, a key is unknown, or a value is invalid.
@@ -358,6 +362,8 @@ def build_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(values, key.replace("-", "_"), value)
+    for key, value in (settings or {}).items():
+        _set_dotted(values, key.replace("-", "_"), value)
     try:
         return cls.model_validate(values)
     except ValidationError as e:

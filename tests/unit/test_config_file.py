@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,38 @@ def test_a_merge_key_may_still_be_overridden(tmp_path):
         "  sample_interval_ms: 500\n"
     )
     assert build_config(TrainConfig, config).profiler.sample_interval_ms == 500
+
+
+def test_set_null_unsets_what_the_config_file_set(tmp_path):
+    from visiontune.config import parse_overrides
+
+    config = tmp_path / "train.yaml"
+    config.write_text("data: d\nlimit_per_class: 3\nimage_size: 96\n")
+    flags = {"image_size": None}  # a flag not given: the file's value stays
+
+    cfg = build_config(TrainConfig, config, flags, parse_overrides(["limit_per_class=null"]))
+
+    # Before, --set limit_per_class=null was dropped like a flag not given: the run used 3.
+    assert cfg.limit_per_class is None
+    assert cfg.image_size == 96
+    with pytest.raises(UserError, match="invalid config value for 'lr'"):
+        build_config(TrainConfig, config, {}, parse_overrides(["lr=null"]))
+
+
+def test_train_set_null_reaches_the_run(tmp_path, cli):
+    import yaml
+    from helpers import TINY_TRAIN, write_dataset
+
+    data = write_dataset(tmp_path / "data", per_class=4)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**TINY_TRAIN, "batch_size": 2, "limit_per_class": 2}))
+    run = tmp_path / "run"
+
+    code, _, err = cli(
+        "train", "--config", config, "--data", data, "--output", run, "--epochs", "1",
+        "--set", "limit_per_class=null",
+    )  # fmt: skip
+
+    assert code == 0, err
+    assert yaml.safe_load((run / "config.yaml").read_text())["limit_per_class"] is None
+    assert json.loads((run / "evaluation.json").read_text())["count"] == 8  # all, not 2 a class

@@ -153,7 +153,8 @@ def _config_from_options(options: dict[str, Any]):
         for k, v in options.items()
         if k in TrainConfig.model_fields and v is not None and k != "config"
     }
-    flags.update(parse_overrides(options["set_"] or []))
+    # Apart from the flags: a flag left out is None, while --set KEY=null means null.
+    settings = parse_overrides(options["set_"] or [])
     if options["callback"]:
         flags["callbacks"] = list(options["callback"])
     resume = options["resume"]
@@ -167,10 +168,11 @@ def _config_from_options(options: dict[str, Any]):
         # it against the run like any flag (more epochs extend the run; a changed
         # hyperparameter is refused) instead of not reading it.
         asked = read_config_file(options["config"]) if options["config"] else {}
-        return build_config(TrainConfig, saved, {**asked, **flags, "output": resume})
+        # The run resumes where it is, whatever --set output says.
+        return build_config(TrainConfig, saved, {**asked, **flags}, {**settings, "output": resume})
     if options["data"] is None and options["config"] is None:
         raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
-    return build_config(TrainConfig, options["config"], flags)
+    return build_config(TrainConfig, options["config"], flags, settings)
 
 
 def _with_switches(cfg, options: dict[str, Any]):
