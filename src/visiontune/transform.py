@@ -278,6 +278,8 @@ def transform(
             _append_durably(out, lines)
             output.upload()
             advance(len(chunk))
+    if not chunks and overwrite:
+        output.upload()  # nothing new, but an s3:// output asked afresh must not keep old lines
     return TransformResult(
         output=join(output_uri, OUTPUT_FILE), predicted=predicted, errors=errors, skipped=len(done)
     )
