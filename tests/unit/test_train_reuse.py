@@ -192,3 +192,21 @@ def test_resume_reads_a_config_file_instead_of_ignoring_it(image_dataset, tmp_pa
     assert "extending" in err and "from 1 to 2 epochs" in err
     valid = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in valid if r["split"] == "valid"] == [1, 2]
+
+
+def test_resume_into_another_output_is_refused_and_the_run_kept(image_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(cfg_for(image_dataset, run))
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    other = tmp_path / "branch"
+
+    # Before: --output was ignored, and run itself was extended and its model replaced.
+    proc = run_cli("train", "--resume", str(run), "--output", str(other), "--epochs", "2")
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --resume continues {run} in place; it cannot write to --output {other}. "
+        f"Copy the run directory to {other} and resume the copy to keep {run} as it is"
+    ]
+    assert (run / "model" / "model.safetensors").read_bytes() == weights
+    assert not other.exists()

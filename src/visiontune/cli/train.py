@@ -161,6 +161,8 @@ def _config_from_options(options: dict[str, Any]):
     if resume:
         from visiontune.train import pull_remote_run
 
+        _refuse_another_output(resume, options["output"])
+
         saved = pull_remote_run(resume, options["endpoint_url"]) / "config.yaml"
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} does not exist")
@@ -173,6 +175,31 @@ def _config_from_options(options: dict[str, Any]):
     if options["data"] is None and options["config"] is None:
         raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
     return build_config(TrainConfig, options["config"], flags, settings)
+
+
+def _refuse_another_output(resume: str, output: str | None) -> None:
+    """``--resume RUN --output OTHER``: a run continues in its own directory, so OTHER would be
+    ignored while RUN is extended and its model replaced, the opposite of a copy.
+
+    Raises:
+        UserError: ``output`` names another directory than ``resume``.
+    """
+    from visiontune.errors import UserError
+    from visiontune.uri import is_remote
+
+    if output is None:
+        return
+
+    def where(uri: str) -> str:
+        return (
+            uri.rstrip("/") if is_remote(uri) else str(Path(uri.removeprefix("file://")).resolve())
+        )
+
+    if where(output) != where(resume):
+        raise UserError(
+            f"--resume continues {resume} in place; it cannot write to --output {output}. "
+            f"Copy the run directory to {output} and resume the copy to keep {resume} as it is"
+        )
 
 
 def _with_switches(cfg, options: dict[str, Any]):
