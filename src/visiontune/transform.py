@@ -281,7 +281,11 @@ def transform(
     if not chunks and overwrite:
         output.upload()  # nothing new, but an s3:// output asked afresh must not keep old lines
     return TransformResult(
-        output=join(output_uri, OUTPUT_FILE), predicted=predicted, errors=errors, skipped=len(done)
+        output=join(output_uri, OUTPUT_FILE),
+        predicted=predicted,
+        errors=errors,
+        # Images of this input found in the output: lines of files since removed do not count.
+        skipped=len(files) - len(todo),
     )
 
 

@@ -108,3 +108,17 @@ def test_another_top_k_is_refused(model_dir, tmp_path, image_bytes):
     assert "2 predictions per image, this run asks for 1 (--top-k)" in line
     records = [json.loads(x) for x in (out / OUTPUT_FILE).read_text().splitlines()]
     assert len(records) == 3  # nothing appended with one answer among lines of two
+
+
+def test_already_done_counts_only_images_still_in_the_input(model_dir, tmp_path, image_bytes):
+    photos = folder(tmp_path / "photos", image_bytes, first=0, count=4)
+    out = tmp_path / "predictions"
+    transform(model_dir, str(photos), str(out))
+    for name in ("IMG_0000.jpg", "IMG_0001.jpg", "IMG_0002.jpg"):
+        (photos / name).unlink()
+    (photos / "IMG_0009.jpg").write_bytes(image_bytes(9))
+
+    again = transform(model_dir, str(photos), str(out))
+
+    # Before: "4 already done" for a folder of 2 images.
+    assert (again.predicted, again.skipped) == (1, 1)
