@@ -130,6 +130,8 @@ class RunDir:
                     f"before its first checkpoint); delete {self} to start it over"
                 )
             return
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--output {self} is a file; give a folder for the run directory")
         present = [m for m in RUN_MARKERS if (self.path / m).exists()]
         if not present and self.remote is not None:
             # The local staging copy is this machine's; another machine (or a cleared cache)
@@ -175,7 +177,10 @@ class RunDir:
         read back by the next start as its own split, whatever split it asks for.
         """
         created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file on the way (a/b with a a file), a read-only disk
+            raise UserError(f"cannot create the run directory {self}: {e.strerror or e}") from e
         before = set() if created else {p.name for p in self.path.iterdir()}
         try:
             yield

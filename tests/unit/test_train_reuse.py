@@ -210,3 +210,14 @@ def test_resume_into_another_output_is_refused_and_the_run_kept(image_dataset, t
     ]
     assert (run / "model" / "model.safetensors").read_bytes() == weights
     assert not other.exists()
+
+
+def test_an_output_that_is_a_file_says_so(image_dataset, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    # Before: "error: [Errno 17] File exists: ..." from the catch-all for OS errors.
+    with pytest.raises(UserError, match=r"--output .*notes.txt is a file; give a folder"):
+        train(cfg_for(image_dataset, notes))
+    with pytest.raises(UserError, match=r"cannot create the run directory .*notes.txt/run"):
+        train(cfg_for(image_dataset, notes / "run"))
+    assert notes.read_text() == "mine"
