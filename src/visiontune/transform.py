@@ -253,40 +253,48 @@ def transform(
     }
     fs, root, files = _list_images(input_uri, endpoint_url)
     job = _Job(identity, input_identity(input_uri), tta_record, min(top_k, len(info.class_ids)))
-    output = _Output.open(output_uri, endpoint_url, overwrite=overwrite)
-    done = _done_images(output.local, job, join(output_uri, OUTPUT_FILE))
-    todo = _pending_images(files, root, input_uri, done)
-    decode = _image_decoder(fs, info.preprocess)
-    # What every line records besides the image and its answer.
-    fields = {"model": identity, "input": job.input, **({"tta": tta_record} if tta_record else {})}
+    # One job at a time per output: a second would predict the same images again and
+    # interleave its lines with the first's.
+    with _Output.open(output_uri, endpoint_url, overwrite=overwrite) as output:
+        done = _done_images(output.local, job, join(output_uri, OUTPUT_FILE))
+        todo = _pending_images(files, root, input_uri, done)
+        decode = _image_decoder(fs, info.preprocess)
+        # What every line records besides the image and its answer.
+        fields = {
+            "model": identity,
+            "input": job.input,
+            **({"tta": tta_record} if tta_record else {}),
+        }
 
-    def predict(batch):  # the image and its TTA views, probabilities averaged over the views
-        return tta_predict_proba(model.predict, batch, tta, info.preprocess, max_rows=batch_size)
+        def predict(batch):  # the image and its TTA views, probabilities averaged over the views
+            return tta_predict_proba(
+                model.predict, batch, tta, info.preprocess, max_rows=batch_size
+            )
 
-    predicted = errors = 0
-    chunks = list(_chunks(todo, batch_size))
-    with (
-        ThreadPoolExecutor(available_cores()) as pool,
-        open(output.local, "a") as out,
-        _progress_bar(len(todo), enabled=progress) as advance,
-    ):
-        for chunk, decoded in _decode_ahead(pool, decode, chunks):
-            lines = _prediction_lines(predict, info, chunk, decoded, top_k, fields)
-            failed = sum("error" in line for line in lines)
-            errors += failed
-            predicted += len(lines) - failed
-            _append_durably(out, lines)
-            output.upload()
-            advance(len(chunk))
-    if not chunks and overwrite:
-        output.upload()  # nothing new, but an s3:// output asked afresh must not keep old lines
-    return TransformResult(
-        output=join(output_uri, OUTPUT_FILE),
-        predicted=predicted,
-        errors=errors,
-        # Images of this input found in the output: lines of files since removed do not count.
-        skipped=len(files) - len(todo),
-    )
+        predicted = errors = 0
+        chunks = list(_chunks(todo, batch_size))
+        with (
+            ThreadPoolExecutor(available_cores()) as pool,
+            open(output.local, "a") as out,
+            _progress_bar(len(todo), enabled=progress) as advance,
+        ):
+            for chunk, decoded in _decode_ahead(pool, decode, chunks):
+                lines = _prediction_lines(predict, info, chunk, decoded, top_k, fields)
+                failed = sum("error" in line for line in lines)
+                errors += failed
+                predicted += len(lines) - failed
+                _append_durably(out, lines)
+                output.upload()
+                advance(len(chunk))
+        if not chunks and overwrite:
+            output.upload()  # nothing new, but an s3:// output asked afresh must not keep old lines
+        return TransformResult(
+            output=join(output_uri, OUTPUT_FILE),
+            predicted=predicted,
+            errors=errors,
+            # Images of this input found in the output: lines of files since removed do not count.
+            skipped=len(files) - len(todo),
+        )
 
 
 @dataclass
@@ -300,29 +308,40 @@ class _Output:
     endpoint_url: str | None = None
 
     @classmethod
-    def open(cls, output_uri: str, endpoint_url: str | None, *, overwrite: bool) -> _Output:
-        """The local file to append to: the output itself, or a copy of the S3 object."""
+    @contextlib.contextmanager
+    def open(
+        cls, output_uri: str, endpoint_url: str | None, *, overwrite: bool
+    ) -> Iterator[_Output]:
+        """The local file to append to (the output itself, or a copy of the S3 object), held
+        for this job alone while the block runs.
+
+        Raises:
+            UserError: another transform is writing to the same output on this machine.
+        """
         import hashlib
 
         from visiontune.uri import is_remote, open_fs, storage_errors, visiontune_home
 
         if not is_remote(output_uri):
             local = _local_output(Path(output_uri))
-            if overwrite:
-                local.unlink(missing_ok=True)
-            return cls(local)
+            with _only_writer(local, join_output(output_uri)):
+                if overwrite:
+                    local.unlink(missing_ok=True)
+                yield cls(local)
+            return
         # S3 objects cannot be appended to: keep a local copy, upload it after every batch.
         key = hashlib.sha1(output_uri.encode()).hexdigest()[:16]
         local = visiontune_home() / "transform" / key / OUTPUT_FILE
         local.parent.mkdir(parents=True, exist_ok=True)
-        out_fs, out_root = open_fs(output_uri, endpoint_url)
-        remote_file = f"{out_root.rstrip('/')}/{OUTPUT_FILE}"
-        with storage_errors(output_uri, endpoint_url):
-            if out_fs.exists(remote_file) and not overwrite:
-                out_fs.get(remote_file, str(local))
-            else:
-                local.unlink(missing_ok=True)
-        return cls(local, out_fs, remote_file, output_uri, endpoint_url)
+        with _only_writer(local, join_output(output_uri)):
+            out_fs, out_root = open_fs(output_uri, endpoint_url)
+            remote_file = f"{out_root.rstrip('/')}/{OUTPUT_FILE}"
+            with storage_errors(output_uri, endpoint_url):
+                if out_fs.exists(remote_file) and not overwrite:
+                    out_fs.get(remote_file, str(local))
+                else:
+                    local.unlink(missing_ok=True)
+            yield cls(local, out_fs, remote_file, output_uri, endpoint_url)
 
     def upload(self) -> None:
         """Copy the local file to S3 (nothing to do for a local output)."""
@@ -332,6 +351,37 @@ class _Output:
             return
         with storage_errors(self.output_uri, self.endpoint_url):
             self.fs.put(str(self.local), self.remote_file)
+
+
+def join_output(output_uri: str) -> str:
+    """``OUTPUT/predictions.jsonl`` as the user would name it."""
+    from visiontune.uri import join
+
+    return join(output_uri, OUTPUT_FILE)
+
+
+@contextlib.contextmanager
+def _only_writer(local: Path, shown_as: str) -> Iterator[None]:
+    """Hold ``local`` for this process: an exclusive lock on a hidden file beside it.
+
+    The lock file stays (removing it would race with a process opening it); the lock goes
+    with the process, however it ends.
+
+    Raises:
+        UserError: another process holds it.
+    """
+    import fcntl
+
+    lock = local.with_name(f".{local.name}.lock")
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another visiontune transform is writing {shown_as}; let it finish (a rerun "
+                "then predicts only what it left) or choose another --output"
+            ) from None
+        yield
 
 
 def _pending_images(

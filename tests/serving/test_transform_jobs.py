@@ -122,3 +122,33 @@ def test_already_done_counts_only_images_still_in_the_input(model_dir, tmp_path,
 
     # Before: "4 already done" for a folder of 2 images.
     assert (again.predicted, again.skipped) == (1, 1)
+
+
+def test_a_second_transform_into_an_output_being_written_is_refused(
+    model_dir, tmp_path, image_bytes
+):
+    import fcntl
+
+    photos = folder(tmp_path / "photos", image_bytes, first=0)
+    out = tmp_path / "predictions"
+    transform(model_dir, str(photos), str(out))
+    written = (out / OUTPUT_FILE).read_text()
+    (photos / "IMG_0003.jpg").write_bytes(image_bytes(3))
+
+    # This test process stands for a first transform still running (it holds the output).
+    # Before, a second one predicted the same images again, its lines among the first's.
+    with open(out / f".{OUTPUT_FILE}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_cli(
+            "transform", str(model_dir), "--input", str(photos), "--output", str(out),
+            "--overwrite", "--no-progress",
+        )  # fmt: skip
+        line = one_line_error(proc)
+        assert line == (
+            f"error: another visiontune transform is writing {out / OUTPUT_FILE}; let it "
+            "finish (a rerun then predicts only what it left) or choose another --output"
+        )
+        assert (out / OUTPUT_FILE).read_text() == written  # not even --overwrite touched it
+
+    again = transform(model_dir, str(photos), str(out))  # released: the rerun goes on
+    assert (again.predicted, again.skipped) == (1, 3)
