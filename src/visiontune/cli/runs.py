@@ -31,10 +31,7 @@ def list_(
     """
     from visiontune.tracking.runs import format_duration, list_runs
 
-    unreadable: list[str] = []
-    runs = list_runs(directory, endpoint_url, unreadable)
-    for reason in unreadable:
-        typer.echo(f"warning: left out: {reason}", err=True)
+    runs = list_runs(directory, endpoint_url)
     if json_out:
         typer.echo(json.dumps([r.to_json() for r in runs], indent=2))
         return
