@@ -279,12 +279,44 @@ def _open_run(
         resume = run.has_checkpoint()
         if not resume:
             run.clear()  # this job's own run, stopped before its first checkpoint
+    if not resume:
+        check_output_outside_data(cfg.output, cfg.data)
     run.check_can_start(resume)
     checkpoint = None
     if resume:
         cfg = _check_resume_changes(run, cfg)
         checkpoint = run.load_checkpoint()  # a damaged one fails (or falls back) right away
     return cfg, checkpoint, resume
+
+
+def check_output_outside_data(output: str, data: str) -> None:
+    """Refuse a run directory inside the dataset (or the dataset itself).
+
+    Nothing is ever written inside a dataset: there the run's folders (``checkpoints/``,
+    ``model/``, or the run folder itself in a root of class folders) read as classes without
+    images, and every later run on the data fails until they are removed.
+
+    Raises:
+        UserError: ``output`` is ``data`` or inside it (local paths, or ``s3://`` prefixes).
+    """
+    from visiontune.uri import is_remote, scheme_of
+
+    if is_remote(data) or is_remote(output):
+        if scheme_of(data) != "s3" or scheme_of(output) != "s3":
+            return  # an http(s) archive is extracted into the cache; nothing lands beside it
+        inside = (output.rstrip("/") + "/").startswith(data.rstrip("/") + "/")
+    else:
+        root = Path(data.removeprefix("file://"))
+        if not root.is_dir():
+            return  # a dataset name: fetched into the cache, not a folder the run could be in
+        out = Path(output.removeprefix("file://")).resolve()
+        root = root.resolve()
+        inside = out == root or root in out.parents
+    if inside:
+        raise UserError(
+            f"--output {output} is inside the dataset {data}: the run's folders would read as "
+            "classes there; choose an --output outside the dataset"
+        )
 
 
 def _check_resume_changes(run: RunDir, cfg: TrainConfig) -> TrainConfig:
