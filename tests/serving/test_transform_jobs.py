@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from visiontune.errors import UserError
 from visiontune.transform import OUTPUT_FILE, transform
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,18 +62,8 @@ def test_a_second_folder_with_the_same_file_names_is_refused_not_skipped(
     assert f"images of {monday}, not of {tuesday}" in line and "--overwrite" in line
     assert (out / OUTPUT_FILE).read_text() == written
 
-    proc = run_cli(
-        "transform",
-        str(model_dir),
-        "--input",
-        str(tuesday),
-        "--output",
-        str(out),
-        "--overwrite",
-        "--no-progress",
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "3 predicted, 0 errors, 0 already done" in proc.stdout
+    redone = transform(model_dir, str(tuesday), str(out), overwrite=True)
+    assert (redone.predicted, redone.skipped) == (3, 0)
     records = [json.loads(x) for x in (out / OUTPUT_FILE).read_text().splitlines()]
     assert [r["input"] for r in records] == [str(tuesday)] * 3
 
@@ -92,20 +85,11 @@ def test_another_top_k_is_refused(model_dir, tmp_path, image_bytes):
     transform(model_dir, str(photos), str(out), top_k=2)
     (photos / "IMG_0003.jpg").write_bytes(image_bytes(3))
 
-    proc = run_cli(
-        "transform",
-        str(model_dir),
-        "--input",
-        str(photos),
-        "--output",
-        str(out),
-        "--top-k",
-        "1",
-        "--no-progress",
-    )
+    with pytest.raises(
+        UserError, match=r"2 predictions per image, this run asks for 1 \(--top-k\)"
+    ):
+        transform(model_dir, str(photos), str(out), top_k=1)
 
-    line = one_line_error(proc)
-    assert "2 predictions per image, this run asks for 1 (--top-k)" in line
     records = [json.loads(x) for x in (out / OUTPUT_FILE).read_text().splitlines()]
     assert len(records) == 3  # nothing appended with one answer among lines of two
 
