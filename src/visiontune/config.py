@@ -312,40 +312,86 @@ def _one_line(err: ValidationError, cls: type[BaseModel]) -> str:
     return f"invalid config value for {where!r}: {msg}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last of two ``lr:`` lines without a word (the YAML spec forbids
+    duplicates), so in a long config file the first one looks set and is not.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` then `key: value` overrides, on purpose
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says what is wrong
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def build_config(
     cls: type[BaseModel] = TrainConfig,
     config_file: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> Any:
     """Build a validated config from an optional YAML file and overrides (overrides win).
 
     Args:
         cls: the pydantic model to build.
         config_file: a YAML mapping of config keys.
-        overrides: keys given on the command line; ``None`` values are ignored.
+        overrides: keys given on the command line; ``None`` values are ignored (a flag not
+            given).
+        settings: ``--set KEY=VALUE`` pairs (:func:`parse_overrides`), applied last; here
+            ``None`` is a value (``--set limit_per_class=null`` unsets what the file set).
 
     Raises:
         UserError: the file is missing or not a mapping, a key is unknown, or a value is invalid.
     """
     values: dict[str, Any] = {}
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from e
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping of keys to values")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        values.update(read_config_file(config_file))
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(values, key.replace("-", "_"), value)
+    for key, value in (settings or {}).items():
+        _set_dotted(values, key.replace("-", "_"), value)
     try:
         return cls.model_validate(values)
     except ValidationError as e:
         raise UserError(_one_line(e, cls)) from e
+
+
+def read_config_file(config_file: str | os.PathLike) -> dict[str, Any]:
+    """The keys of a YAML config file (``-`` in names read as ``_``), not yet validated.
+
+    Raises:
+        UserError: the file is missing, unreadable, not YAML text, names a key twice, or is
+            not a mapping.
+    """
+    path = Path(config_file)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        loaded = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from e
+    except UnicodeDecodeError:
+        # An image or a checkpoint passed as --config by mistake.
+        raise UserError(f"config file {path} is not a YAML text file") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:

@@ -14,11 +14,26 @@ from visiontune.errors import UserError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is a user error."""
+    """``auto`` picks CUDA when present, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` as asked.
+
+    Raises:
+        UserError: an unknown device name, or a GPU asked for that this machine does not have
+            (torch would fail later, with a traceback, on the first tensor moved there).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    kind, colon, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and not index.isdigit()):
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda (cuda:N for GPU N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu"
+        )
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(
+            f"--device {name} was asked for but this machine has "
+            f"{torch.cuda.device_count()} GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
     return torch.device(name)
 
 

@@ -98,10 +98,30 @@ def export_torchscript(
     return path
 
 
-# Format -> (exporter, default file name). A new format is one entry here.
-EXPORTERS: dict[str, tuple[Callable[..., Path], str]] = {
-    "onnx": (export_onnx, ONNX_FILE),
-    "torchscript": (export_torchscript, TORCHSCRIPT_FILE),
+def is_onnx_export(path: str | os.PathLike) -> bool:
+    """True when ``path`` is an ONNX file written by :func:`export_onnx` (it names its version)."""
+    try:
+        return onnx_version(path) is not None
+    except Exception:  # not protobuf, truncated, unreadable: not an export
+        return False
+
+
+def is_torchscript_export(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a TorchScript archive written by :func:`export_torchscript`."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/extra/version") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+# Format -> (exporter, default file name, "is this file an earlier export?"). A new format is
+# one entry here.
+EXPORTERS: dict[str, tuple[Callable[..., Path], str, Callable[[Path], bool]]] = {
+    "onnx": (export_onnx, ONNX_FILE, is_onnx_export),
+    "torchscript": (export_torchscript, TORCHSCRIPT_FILE, is_torchscript_export),
 }
 
 
@@ -116,17 +136,27 @@ def export_model(
         output: the file to write; default ``MODEL_DIR/model.onnx`` or
             ``MODEL_DIR/model.torchscript.pt``.
 
+    An earlier export in the same format at ``output`` is replaced; any other existing file is
+    refused, so a mistyped ``--output`` (the model's own ``model.safetensors``, a file of
+    another kind) cannot destroy it.
+
     Raises:
-        UserError: unknown format, not a model directory, or the file cannot be written.
+        UserError: unknown format, not a model directory, an ``output`` that is a folder or a
+            file this format's export did not write, or the file cannot be written.
     """
     from visiontune.models.artifact import load_model_dir, write_errors
 
     if fmt not in EXPORTERS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORTERS)}")
-    exporter, default_name = EXPORTERS[fmt]
-    loaded = load_model_dir(model_dir, "cpu")
+    exporter, default_name, is_export = EXPORTERS[fmt]
     target = Path(output) if output is not None else Path(model_dir) / default_name
     if target.is_dir():
         raise UserError(f"--output {target} is a folder; give the file to write")
+    if target.exists() and not is_export(target):
+        raise UserError(
+            f"--output {target} exists and is not a visiontune {fmt} export; it would be "
+            "overwritten. Remove it first or choose another --output"
+        )
+    loaded = load_model_dir(model_dir, "cpu")
     with write_errors(target):  # disk full, read-only folder: one line, the old file kept
         return exporter(loaded.model, loaded.preprocess.input_size, target, loaded.version)

@@ -124,26 +124,73 @@ class RunDir:
     def check_can_start(self, resume: bool) -> None:
         """Refuse to write into another run, or to resume what cannot be resumed."""
         if resume:
-            if not (self.checkpoint_path.is_file() or self.previous_checkpoint_path.is_file()):
-                raise UserError(f"nothing to resume: {self.checkpoint_path} does not exist")
+            if not self.has_checkpoint():
+                raise UserError(
+                    f"nothing to resume: {self.checkpoint_path} does not exist (the run stopped "
+                    f"before its first checkpoint); delete {self} to start it over"
+                )
             return
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--output {self} is a file; give a folder for the run directory")
         present = [m for m in RUN_MARKERS if (self.path / m).exists()]
+        if not present and self.remote is not None:
+            # The local staging copy is this machine's; another machine (or a cleared cache)
+            # has none, and its uploads would overwrite the run already at the remote.
+            present = self._remote_markers()
+            if present:
+                raise UserError(
+                    f"{self} already holds a training run ({', '.join(present)}); resume it "
+                    f"with `visiontune train --resume {self}` or choose another --output"
+                )
+        if present and not self.has_checkpoint() and not self.is_finished():
+            # Pointing at --resume here would only answer "nothing to resume".
+            raise UserError(
+                f"{self} already holds a training run ({', '.join(present)}) that stopped "
+                "before its first checkpoint, so it cannot be resumed; delete it to start over "
+                "or choose another --output"
+            )
         if present:
             raise UserError(
                 f"{self} already holds a training run ({', '.join(present)}); resume it with "
                 f"`visiontune train --resume {self}` or choose another --output"
             )
 
+    def _remote_markers(self) -> list[str]:
+        """The run markers present at the remote home (names directly under the prefix)."""
+        from visiontune.uri import open_fs, storage_errors
+
+        assert self.remote is not None
+        with storage_errors(self.remote, self.endpoint_url):
+            fs, root = open_fs(self.remote, self.endpoint_url)
+            try:
+                names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+            except FileNotFoundError:
+                return []
+        return [m for m in RUN_MARKERS if m in names]
+
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
-        """Create the directory; if the start fails, remove what this start created."""
+        """Create the directory; if the start fails, remove what this start created.
+
+        In a directory that already existed (an empty folder made for the run, a resumed run)
+        only the entries this start added are removed: a ``split.json`` left behind would be
+        read back by the next start as its own split, whatever split it asks for.
+        """
         created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file on the way (a/b with a a file), a read-only disk
+            raise UserError(f"cannot create the run directory {self}: {e.strerror or e}") from e
+        before = set() if created else {p.name for p in self.path.iterdir()}
         try:
             yield
         except BaseException:
             if created:
                 shutil.rmtree(self.path, ignore_errors=True)
+            else:
+                for entry in self.path.iterdir():
+                    if entry.name not in before:
+                        _remove(entry)
             raise
 
     # ---- the torchrun job that writes the run (so a restarted group finds its own run)
@@ -299,6 +346,14 @@ class RunDir:
         from visiontune.uri import upload_tree
 
         upload_tree(self.path, self.remote, self.endpoint_url)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder, whichever ``path`` is; a failure to is not this run's error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class FollowerRunDir(RunDir):

@@ -35,6 +35,8 @@ metrics as one that never stopped.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import random
@@ -230,6 +232,8 @@ def train(
         with run.starting():  # a start that fails here leaves no run folder behind
             run.record_job(dist.job_id())  # how a group torchrun restarts finds its own run
             job.data = group.on_main(lambda: load_data(cfg, run, resume))
+            if checkpoint is not None:
+                check_same_data(job.data, checkpoint, run)
             cfg = _small_data_defaults(job)
             setup_model(job)
         job.cbs.fire("on_train_start", state)
@@ -275,12 +279,44 @@ def _open_run(
         resume = run.has_checkpoint()
         if not resume:
             run.clear()  # this job's own run, stopped before its first checkpoint
+    if not resume:
+        check_output_outside_data(cfg.output, cfg.data)
     run.check_can_start(resume)
     checkpoint = None
     if resume:
         cfg = _check_resume_changes(run, cfg)
         checkpoint = run.load_checkpoint()  # a damaged one fails (or falls back) right away
     return cfg, checkpoint, resume
+
+
+def check_output_outside_data(output: str, data: str) -> None:
+    """Refuse a run directory inside the dataset (or the dataset itself).
+
+    Nothing is ever written inside a dataset: there the run's folders (``checkpoints/``,
+    ``model/``, or the run folder itself in a root of class folders) read as classes without
+    images, and every later run on the data fails until they are removed.
+
+    Raises:
+        UserError: ``output`` is ``data`` or inside it (local paths, or ``s3://`` prefixes).
+    """
+    from visiontune.uri import is_remote, scheme_of
+
+    if is_remote(data) or is_remote(output):
+        if scheme_of(data) != "s3" or scheme_of(output) != "s3":
+            return  # an http(s) archive is extracted into the cache; nothing lands beside it
+        inside = (output.rstrip("/") + "/").startswith(data.rstrip("/") + "/")
+    else:
+        root = Path(data.removeprefix("file://"))
+        if not root.is_dir():
+            return  # a dataset name: fetched into the cache, not a folder the run could be in
+        out = Path(output.removeprefix("file://")).resolve()
+        root = root.resolve()
+        inside = out == root or root in out.parents
+    if inside:
+        raise UserError(
+            f"--output {output} is inside the dataset {data}: the run's folders would read as "
+            "classes there; choose an --output outside the dataset"
+        )
 
 
 def _check_resume_changes(run: RunDir, cfg: TrainConfig) -> TrainConfig:
@@ -341,8 +377,9 @@ def _resolve_runtime(cfg: TrainConfig) -> tuple[Runtime, dist.Group]:
 def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
     """Discover the dataset and the splits this run uses (recorded in the run directory)."""
     from visiontune.data.folder import discover
-    from visiontune.data.splits import pooled_splits, resolve_splits
+    from visiontune.data.splits import check_recorded_settings, pooled_splits, resolve_splits
 
+    check_recorded_settings(run.path, cfg.split_ratios, cfg.split_seed)
     index = discover(
         cfg.data,
         endpoint_url=cfg.endpoint_url,
@@ -362,6 +399,60 @@ def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
             splits, cfg.split_seed, cfg.cv_folds, cfg.cv_fold, index.class_names
         )
     return Data(index, splits, pool_rows)
+
+
+def data_fingerprint(data: Data) -> dict[str, Any]:
+    """What a checkpoint records of the data it was trained on: the classes, and per split the
+    number of images and a digest of which images (by path under the root) with which labels.
+    Contents are not read: a copy of the folder elsewhere is the same data."""
+    root = data.index.root.rstrip("/")
+    splits = {}
+    for name, items in sorted(data.splits.items()):
+        rows = [(str(uri).removeprefix(root), int(label)) for uri, label in items]
+        text = json.dumps(rows, separators=(",", ":"))
+        splits[name] = {"count": len(items), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return {"classes": list(data.index.class_ids), "splits": splits}
+
+
+def check_same_data(data: Data, checkpoint: dict[str, Any], run: RunDir) -> None:
+    """A resumed run trains on the data it started with.
+
+    ``--resume`` refuses another ``--data``; this refuses the same folder with other contents
+    (a class folder added, images added or removed), which would otherwise fail on the head's
+    shape with a traceback or quietly resume over other images. Checkpoints written before the
+    data was recorded are not checked.
+
+    Raises:
+        UserError: the classes or the images of a split differ from the checkpoint's.
+    """
+    then = checkpoint.get("data")
+    if not isinstance(then, dict):
+        return
+    now = data_fingerprint(data)
+    problem = None
+    if then.get("classes") != now["classes"]:
+        problem = (
+            f"its classes were {', '.join(map(str, then.get('classes') or []))}, "
+            f"now {', '.join(now['classes'])}"
+        )
+    else:
+        before = then.get("splits") or {}
+        for name in sorted(set(before) | set(now["splits"])):
+            old, new = before.get(name) or {}, now["splits"].get(name) or {}
+            if old.get("sha256") == new.get("sha256"):
+                continue
+            n_old, n_new = old.get("count", 0), new.get("count", 0)
+            problem = (
+                f"its {name} split had {n_old} images, now {n_new}"
+                if n_old != n_new
+                else f"the images of its {name} split are not the ones it started with"
+            )
+            break
+    if problem:
+        raise UserError(
+            f"{run} was training on other data: {problem}; a resumed run keeps its data, so "
+            "restore it or start a new run (--output)"
+        )
 
 
 def _small_data_defaults(job: Job) -> TrainConfig:
@@ -754,6 +845,7 @@ def save_checkpoint(job: Job) -> None:
             **({"averaged": job.averager.state_dict()} if job.averager else {}),
             "rng": rngs[0],
             **({"rank_rng": rngs} if len(rngs) > 1 else {}),
+            "data": data_fingerprint(job.data),
             **state.state_dict(),
         }
     )

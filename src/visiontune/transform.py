@@ -3,12 +3,14 @@
 Writes ``OUTPUT/predictions.jsonl``: one line per image, ``{"image": relative path,
 "predictions": [top-k], "model": {name, version, fingerprint}}`` or ``{"image": ..., "error":
 "why", "model": ...}`` for a file that is not a usable image (recorded, then the run goes on).
-With test-time augmentation every line also holds ``"tta": {"views", "names"}``; a resumed run
-with another TTA setting is refused like one with another model.
-Images already in the output are skipped, so a killed run picks up where it stopped; an output
-that holds another model's answers is refused (``overwrite=True`` starts it afresh), so a
-resumed run never mixes two models' predictions; lines are flushed and fsynced after every batch, so a kill loses
-nothing already written. Decoding runs in a thread pool ahead of the model; prediction uses the
+Every line also records the input it came from (``"input"``: the folder's absolute path or the
+``s3://`` prefix); with test-time augmentation it holds ``"tta": {"views", "names"}``.
+Images already in the output are skipped, so a killed run picks up where it stopped. An output
+that holds another model's answers, another input's (whose images may have the same names), or
+answers made with another TTA setting or ``top_k`` is refused (``overwrite=True`` starts it
+afresh), so a resumed run never mixes two jobs' predictions nor passes one input's answers off
+as another's. Lines are flushed and fsynced after every batch, so a kill loses nothing already
+written. Decoding runs in a thread pool ahead of the model; prediction uses the
 same runtimes as ``visiontune serve``.
 """
 
@@ -62,14 +64,33 @@ def _describe_tta(tta: dict[str, Any] | None) -> str:
     return f"test-time augmentation with {tta.get('views')} views" if tta else "no TTA"
 
 
-def _done_images(
-    path: Path, model: dict[str, str], shown_as: str, tta: dict[str, Any] | None = None
-) -> set[str]:
+def input_identity(input_uri: str) -> str:
+    """What an output line records as its input: a local folder's absolute path (``photos``,
+    ``./photos/`` and ``/home/me/photos`` are one input), an ``s3://`` prefix without its
+    trailing slash."""
+    from visiontune.uri import is_remote
+
+    if is_remote(input_uri):
+        return input_uri.rstrip("/")
+    return str(Path(input_uri.removeprefix("file://")).resolve())
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a resumed run must share with the lines already written."""
+
+    model: dict[str, str]
+    input: str
+    tta: dict[str, Any] | None
+    answers: int  # predictions per line: top_k, or fewer when the model has fewer classes
+
+
+def _done_images(path: Path, job: _Job, shown_as: str) -> set[str]:
     """Images already in the output; a torn last line (a kill mid-write) is cut off first.
 
     Raises:
-        UserError: a line was written by another model (another fingerprint) or with another
-            test-time augmentation setting.
+        UserError: a line was written by another model (another fingerprint), for another
+            input, with another test-time augmentation setting or another ``top_k``.
     """
     if not path.exists():
         return set()
@@ -86,23 +107,39 @@ def _done_images(
             image = record["image"]
         except (ValueError, KeyError, TypeError):
             continue
-        written_by = record.get("model")
-        if (
-            not isinstance(written_by, dict)
-            or written_by.get("fingerprint") != model["fingerprint"]
-        ):
+        problem = _line_problem(record, job)
+        if problem:
             raise UserError(
-                f"{shown_as} holds predictions of {_describe(written_by if isinstance(written_by, dict) else None)}, "
-                f"not of {_describe(model)}; choose another --output or pass --overwrite"
-            )
-        if record.get("tta") != tta:
-            # One output, one way of predicting: TTA answers differ from plain ones.
-            raise UserError(
-                f"{shown_as} holds predictions made with {_describe_tta(record.get('tta'))}, "
-                f"this run uses {_describe_tta(tta)}; choose another --output or pass --overwrite"
+                f"{shown_as} holds {problem}; choose another --output or pass --overwrite"
             )
         done.add(image)
     return done
+
+
+def _line_problem(record: dict[str, Any], job: _Job) -> str | None:
+    """How a line already in the output differs from what this run would write, or ``None``."""
+    written_by = record.get("model")
+    if (
+        not isinstance(written_by, dict)
+        or written_by.get("fingerprint") != job.model["fingerprint"]
+    ):
+        by = written_by if isinstance(written_by, dict) else None
+        return f"predictions of {_describe(by)}, not of {_describe(job.model)}"
+    # Images are matched by their path under the input: another folder's IMG_0001.jpg would
+    # pass for this one's and never be predicted. Lines written before inputs were recorded
+    # carry none and are resumed as before.
+    if "input" in record and record["input"] != job.input:
+        return f"predictions for the images of {record['input']}, not of {job.input}"
+    if record.get("tta") != job.tta:
+        # One output, one way of predicting: TTA answers differ from plain ones.
+        return (
+            f"predictions made with {_describe_tta(record.get('tta'))}, "
+            f"this run uses {_describe_tta(job.tta)}"
+        )
+    answers = record.get("predictions")
+    if isinstance(answers, list) and len(answers) != job.answers:
+        return f"{len(answers)} predictions per image, this run asks for {job.answers} (--top-k)"
+    return None
 
 
 def _local_output(folder: Path) -> Path:
@@ -215,34 +252,49 @@ def transform(
         "fingerprint": model_fingerprint(local_model),
     }
     fs, root, files = _list_images(input_uri, endpoint_url)
-    output = _Output.open(output_uri, endpoint_url, overwrite=overwrite)
-    done = _done_images(output.local, identity, join(output_uri, OUTPUT_FILE), tta_record)
-    todo = _pending_images(files, root, input_uri, done)
-    decode = _image_decoder(fs, info.preprocess)
-    # What every line records besides the image and its answer.
-    fields = {"model": identity, **({"tta": tta_record} if tta_record else {})}
+    job = _Job(identity, input_identity(input_uri), tta_record, min(top_k, len(info.class_ids)))
+    # One job at a time per output: a second would predict the same images again and
+    # interleave its lines with the first's.
+    with _Output.open(output_uri, endpoint_url, overwrite=overwrite) as output:
+        done = _done_images(output.local, job, join(output_uri, OUTPUT_FILE))
+        todo = _pending_images(files, root, input_uri, done)
+        decode = _image_decoder(fs, info.preprocess)
+        # What every line records besides the image and its answer.
+        fields = {
+            "model": identity,
+            "input": job.input,
+            **({"tta": tta_record} if tta_record else {}),
+        }
 
-    def predict(batch):  # the image and its TTA views, probabilities averaged over the views
-        return tta_predict_proba(model.predict, batch, tta, info.preprocess, max_rows=batch_size)
+        def predict(batch):  # the image and its TTA views, probabilities averaged over the views
+            return tta_predict_proba(
+                model.predict, batch, tta, info.preprocess, max_rows=batch_size
+            )
 
-    predicted = errors = 0
-    chunks = list(_chunks(todo, batch_size))
-    with (
-        ThreadPoolExecutor(available_cores()) as pool,
-        open(output.local, "a") as out,
-        _progress_bar(len(todo), enabled=progress) as advance,
-    ):
-        for chunk, decoded in _decode_ahead(pool, decode, chunks):
-            lines = _prediction_lines(predict, info, chunk, decoded, top_k, fields)
-            failed = sum("error" in line for line in lines)
-            errors += failed
-            predicted += len(lines) - failed
-            _append_durably(out, lines)
-            output.upload()
-            advance(len(chunk))
-    return TransformResult(
-        output=join(output_uri, OUTPUT_FILE), predicted=predicted, errors=errors, skipped=len(done)
-    )
+        predicted = errors = 0
+        chunks = list(_chunks(todo, batch_size))
+        with (
+            ThreadPoolExecutor(available_cores()) as pool,
+            open(output.local, "a") as out,
+            _progress_bar(len(todo), enabled=progress) as advance,
+        ):
+            for chunk, decoded in _decode_ahead(pool, decode, chunks):
+                lines = _prediction_lines(predict, info, chunk, decoded, top_k, fields)
+                failed = sum("error" in line for line in lines)
+                errors += failed
+                predicted += len(lines) - failed
+                _append_durably(out, lines)
+                output.upload()
+                advance(len(chunk))
+        if not chunks and overwrite:
+            output.upload()  # nothing new, but an s3:// output asked afresh must not keep old lines
+        return TransformResult(
+            output=join(output_uri, OUTPUT_FILE),
+            predicted=predicted,
+            errors=errors,
+            # Images of this input found in the output: lines of files since removed do not count.
+            skipped=len(files) - len(todo),
+        )
 
 
 @dataclass
@@ -256,29 +308,40 @@ class _Output:
     endpoint_url: str | None = None
 
     @classmethod
-    def open(cls, output_uri: str, endpoint_url: str | None, *, overwrite: bool) -> _Output:
-        """The local file to append to: the output itself, or a copy of the S3 object."""
+    @contextlib.contextmanager
+    def open(
+        cls, output_uri: str, endpoint_url: str | None, *, overwrite: bool
+    ) -> Iterator[_Output]:
+        """The local file to append to (the output itself, or a copy of the S3 object), held
+        for this job alone while the block runs.
+
+        Raises:
+            UserError: another transform is writing to the same output on this machine.
+        """
         import hashlib
 
         from visiontune.uri import is_remote, open_fs, storage_errors, visiontune_home
 
         if not is_remote(output_uri):
             local = _local_output(Path(output_uri))
-            if overwrite:
-                local.unlink(missing_ok=True)
-            return cls(local)
+            with _only_writer(local, join_output(output_uri)):
+                if overwrite:
+                    local.unlink(missing_ok=True)
+                yield cls(local)
+            return
         # S3 objects cannot be appended to: keep a local copy, upload it after every batch.
         key = hashlib.sha1(output_uri.encode()).hexdigest()[:16]
         local = visiontune_home() / "transform" / key / OUTPUT_FILE
         local.parent.mkdir(parents=True, exist_ok=True)
-        out_fs, out_root = open_fs(output_uri, endpoint_url)
-        remote_file = f"{out_root.rstrip('/')}/{OUTPUT_FILE}"
-        with storage_errors(output_uri, endpoint_url):
-            if out_fs.exists(remote_file) and not overwrite:
-                out_fs.get(remote_file, str(local))
-            else:
-                local.unlink(missing_ok=True)
-        return cls(local, out_fs, remote_file, output_uri, endpoint_url)
+        with _only_writer(local, join_output(output_uri)):
+            out_fs, out_root = open_fs(output_uri, endpoint_url)
+            remote_file = f"{out_root.rstrip('/')}/{OUTPUT_FILE}"
+            with storage_errors(output_uri, endpoint_url):
+                if out_fs.exists(remote_file) and not overwrite:
+                    out_fs.get(remote_file, str(local))
+                else:
+                    local.unlink(missing_ok=True)
+            yield cls(local, out_fs, remote_file, output_uri, endpoint_url)
 
     def upload(self) -> None:
         """Copy the local file to S3 (nothing to do for a local output)."""
@@ -288,6 +351,37 @@ class _Output:
             return
         with storage_errors(self.output_uri, self.endpoint_url):
             self.fs.put(str(self.local), self.remote_file)
+
+
+def join_output(output_uri: str) -> str:
+    """``OUTPUT/predictions.jsonl`` as the user would name it."""
+    from visiontune.uri import join
+
+    return join(output_uri, OUTPUT_FILE)
+
+
+@contextlib.contextmanager
+def _only_writer(local: Path, shown_as: str) -> Iterator[None]:
+    """Hold ``local`` for this process: an exclusive lock on a hidden file beside it.
+
+    The lock file stays (removing it would race with a process opening it); the lock goes
+    with the process, however it ends.
+
+    Raises:
+        UserError: another process holds it.
+    """
+    import fcntl
+
+    lock = local.with_name(f".{local.name}.lock")
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another visiontune transform is writing {shown_as}; let it finish (a rerun "
+                "then predicts only what it left) or choose another --output"
+            ) from None
+        yield
 
 
 def _pending_images(

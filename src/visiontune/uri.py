@@ -412,7 +412,10 @@ def extract_archive(
     archive, dest = Path(archive), Path(dest)
     marker = dest / _COMPLETE_MARKER
     if marker.exists():
-        return dest / json.loads(marker.read_text()).get("root", "")
+        try:
+            return dest / json.loads(marker.read_text()).get("root", "")
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass  # a damaged marker proves nothing: extract again (dest is visiontune's own)
     if dest.exists():
         shutil.rmtree(dest)  # an earlier, interrupted extraction: never complete, start over
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,21 @@ def test_transform_from_s3_to_s3_resumes(s3_model, s3_env, cli):
     fs.invalidate_cache()
     lines = [json.loads(x) for x in fs.cat_file("deploy/out/predictions.jsonl").splitlines()]
     assert len(lines) == 8 and len({x["image"] for x in lines}) == 8
+
+
+def test_transform_overwrite_of_an_s3_output_with_no_images_leaves_no_old_lines(
+    s3_model, s3_env, cli, tmp_path
+):
+    fs, local = s3_model
+    fs.pipe("deploy/old-out/predictions.jsonl", b'{"image": "a.jpg", "predictions": []}\n')
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+
+    code, out, err = cli("transform", local, "--input", empty, "--output", "s3://deploy/old-out",
+                         "--endpoint-url", s3_env.endpoint_url, "--overwrite", "--no-progress")  # fmt: skip
+
+    assert code == 0, err
+    assert "0 predicted" in out
+    fs.invalidate_cache()
+    # Before, the output was afresh only locally: the old lines stayed on S3.
+    assert fs.cat_file("deploy/old-out/predictions.jsonl") == b""

@@ -57,3 +57,32 @@ def test_train_from_s3_data_to_s3_output(s3_env, tmp_path, cli, monkeypatch):
     fs.invalidate_cache()
     lines = fs.cat_file("train-bucket/runs/first/metrics.jsonl").decode().splitlines()
     assert [json.loads(x)["epoch"] for x in lines if '"valid"' in x] == [1, 2, 3]
+
+
+def test_a_fresh_run_into_an_s3_output_holding_a_run_is_refused(s3_env, tmp_path, monkeypatch):
+    import s3fs
+
+    from visiontune.errors import UserError
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env.endpoint_url)
+    fs.mkdir("guard-bucket")
+    data = write_dataset(tmp_path / "pets", classes=("cat", "dog"), per_class=4)
+    values = {
+        "data": str(data), "endpoint_url": s3_env.endpoint_url,
+        "output": "s3://guard-bucket/runs/first", "model": "tiny_cnn", "weights": "none",
+        "trainable": "all", "epochs": 1, "batch_size": 4, "workers": 0, "progress": False,
+    }  # fmt: skip
+    train(build_config(TrainConfig, None, values))
+    fs.invalidate_cache()
+    weights = fs.cat_file("guard-bucket/runs/first/model/model.safetensors")
+
+    # Another machine (no local staging copy) starts a run into the same prefix. Before, it
+    # trained and uploaded its files over the first run's.
+    monkeypatch.setenv("VISIONTUNE_HOME", str(tmp_path / "other-machine"))
+    with pytest.raises(UserError, match=r"s3://guard-bucket/runs/first already holds a training"):
+        train(build_config(TrainConfig, None, {**values, "lr": 0.5}))
+    fs.invalidate_cache()
+    assert fs.cat_file("guard-bucket/runs/first/model/model.safetensors") == weights
+    assert "lr: 0.5" not in fs.cat_file("guard-bucket/runs/first/config.yaml").decode()
+    # A prefix beside it whose name starts the same is another run.
+    train(build_config(TrainConfig, None, {**values, "output": "s3://guard-bucket/runs/first-b"}))

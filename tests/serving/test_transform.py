@@ -52,6 +52,8 @@ def test_transform_records_errors_and_resumes_where_it_stopped(
             str(out),
             "--batch-size",
             "4",
+            "--top-k",
+            "2",  # as the first run: a resume with another --top-k is refused
         ],
     )
     assert result.exit_code == 0, result.output

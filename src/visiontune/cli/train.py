@@ -145,7 +145,7 @@ def _config_from_options(options: dict[str, Any]):
     Raises:
         UserError: nothing to train on, nothing to resume, or a bad option.
     """
-    from visiontune.config import TrainConfig, build_config, parse_overrides
+    from visiontune.config import TrainConfig, build_config, parse_overrides, read_config_file
     from visiontune.errors import UserError
 
     flags: dict[str, Any] = {
@@ -153,20 +153,53 @@ def _config_from_options(options: dict[str, Any]):
         for k, v in options.items()
         if k in TrainConfig.model_fields and v is not None and k != "config"
     }
-    flags.update(parse_overrides(options["set_"] or []))
+    # Apart from the flags: a flag left out is None, while --set KEY=null means null.
+    settings = parse_overrides(options["set_"] or [])
     if options["callback"]:
         flags["callbacks"] = list(options["callback"])
     resume = options["resume"]
     if resume:
         from visiontune.train import pull_remote_run
 
+        _refuse_another_output(resume, options["output"])
+
         saved = pull_remote_run(resume, options["endpoint_url"]) / "config.yaml"
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} does not exist")
-        return build_config(TrainConfig, saved, {**flags, "output": resume})
+        # A --config file counts as what this call asks, under the flags: the resume checks
+        # it against the run like any flag (more epochs extend the run; a changed
+        # hyperparameter is refused) instead of not reading it.
+        asked = read_config_file(options["config"]) if options["config"] else {}
+        # The run resumes where it is, whatever --set output says.
+        return build_config(TrainConfig, saved, {**asked, **flags}, {**settings, "output": resume})
     if options["data"] is None and options["config"] is None:
         raise UserError("say what to train on: --data DATA (a folder, s3:// prefix or name)")
-    return build_config(TrainConfig, options["config"], flags)
+    return build_config(TrainConfig, options["config"], flags, settings)
+
+
+def _refuse_another_output(resume: str, output: str | None) -> None:
+    """``--resume RUN --output OTHER``: a run continues in its own directory, so OTHER would be
+    ignored while RUN is extended and its model replaced, the opposite of a copy.
+
+    Raises:
+        UserError: ``output`` names another directory than ``resume``.
+    """
+    from visiontune.errors import UserError
+    from visiontune.uri import is_remote
+
+    if output is None:
+        return
+
+    def where(uri: str) -> str:
+        return (
+            uri.rstrip("/") if is_remote(uri) else str(Path(uri.removeprefix("file://")).resolve())
+        )
+
+    if where(output) != where(resume):
+        raise UserError(
+            f"--resume continues {resume} in place; it cannot write to --output {output}. "
+            f"Copy the run directory to {output} and resume the copy to keep {resume} as it is"
+        )
 
 
 def _with_switches(cfg, options: dict[str, Any]):

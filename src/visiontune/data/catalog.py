@@ -276,7 +276,16 @@ def fetch(
     marker = dest / MARKER
     wanted = {"dataset": spec.name, "limit_per_class": limit_per_class}
     if marker.exists():
-        recorded = json.loads(marker.read_text())
+        try:
+            recorded = json.loads(marker.read_text())
+            recorded.get("dataset")
+        except (OSError, ValueError, AttributeError):
+            # Written atomically, so damage is from elsewhere; dest may be the user's folder,
+            # so it is not removed here.
+            raise UserError(
+                f"{marker} is damaged, so whether {dest} is complete is unknown; delete "
+                f"{dest} and fetch again"
+            ) from None
         if all(recorded.get(k) == v for k, v in wanted.items()):
             return dest / recorded.get("root", "")
         raise UserError(

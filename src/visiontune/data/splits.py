@@ -165,6 +165,41 @@ def _record_problem(recorded: SplitFiles, files: dict[str, list[str]]) -> str | 
     return "; ".join(parts) or None
 
 
+def check_recorded_settings(
+    record_dir: str | os.PathLike, ratios: Sequence[float], seed: int
+) -> None:
+    """Refuse a ``split.json`` in ``record_dir`` made with another seed or other ratios.
+
+    A training run reads back the split recorded in its directory (see :func:`recorded_split`,
+    which trusts the record over the seed, as evaluate needs); one that asks for another seed
+    or other ratios would train on the recorded split while its config.yaml says otherwise.
+    A record that does not say (made by hand) is not checked.
+
+    Raises:
+        UserError: the record was made with another ``split_seed`` or ``split_ratios``.
+    """
+    path = Path(record_dir) / SPLIT_FILE
+    try:
+        recorded = json.loads(path.read_text())
+        r_seed, r_ratios = recorded.get("seed"), recorded.get("ratios")
+        r_ratios = None if r_ratios is None else check_ratios(r_ratios)
+    except (OSError, ValueError, AttributeError, TypeError, UserError):
+        return  # none, or unreadable: recorded_split says what is wrong with it
+    asked = check_ratios(ratios)
+    parts = []
+    if r_seed is not None and r_seed != seed:
+        parts.append(f"split_seed {r_seed} (this run: {seed})")
+    if r_ratios is not None and any(
+        abs(a - b) > 1e-9 for a, b in zip(r_ratios, asked, strict=True)
+    ):
+        parts.append(f"split_ratios {list(r_ratios)} (this run: {list(asked)})")
+    if parts:
+        raise UserError(
+            f"{path} records a split made with {' and '.join(parts)}; delete it to split "
+            "again, or ask for the recorded split_seed/split_ratios"
+        )
+
+
 def recorded_split(
     root: str,
     files: dict[str, list[str]],
