@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.tuning._base import (
+    BASELINE,
     EPOCHS_RUN,
     FAIL_REASON,
     TRIAL_NPROC,
@@ -98,7 +99,9 @@ def run_trial(study, trial, objective: Callable[[Any], float]) -> None:
     """Run the objective on a claimed trial with a heartbeat, and record how it ended.
 
     A :class:`TrialFailed` (out of memory, a diverged loss) fails the trial and the study goes
-    on; any other exception (a bug, an interrupt) fails it and is raised.
+    on; any other exception (a bug, an interrupt) fails it and is raised. An interrupted trial
+    (Ctrl-C, SIGTERM) is also queued again with the same parameters (:func:`requeue`), so the
+    continued study runs it.
     """
     import optuna
     from optuna.storages._heartbeat import get_heartbeat_thread
@@ -114,10 +117,56 @@ def run_trial(study, trial, objective: Callable[[Any], float]) -> None:
             state = TrialState.FAIL
         except BaseException as e:  # recorded as FAIL, then raised
             state, error = TrialState.FAIL, e
+    interrupted = error is not None and _is_interrupt(error)
     with quiet_optuna():
+        if interrupted:
+            trial.set_user_attr(FAIL_REASON, "interrupted; queued again")
         study.tell(trial, None if state is not None else value, state=state)
+        if interrupted:
+            requeue(study, trial._trial_id)
     if error is not None:
         raise error
+
+
+def _is_interrupt(error: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, however the trial surfaced it (a training run stops at a step
+    boundary with ``TrainingInterrupted``; a script trial raises ``KeyboardInterrupt``)."""
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    from visiontune.train import TrainingInterrupted  # loaded already: the trial trained
+
+    return isinstance(error, TrainingInterrupted)
+
+
+def requeue(study, trial_id: int) -> None:
+    """Queue a stopped trial again (WAITING, same parameters), as a stale trial's retry is.
+
+    The user stopped the trial, not its configuration: without this the interrupted point
+    counts as tried, so a continued study never runs it (a finite space loses it for good,
+    and a study stopped in trial 0 loses its untuned default, which it then never weighs the
+    other trials against). The retry keeps the trial's ``baseline`` mark and says which trial
+    it replaces; it runs in a run directory of its own.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    failed = study._storage.get_trial(trial_id)
+    # "failed_trial" names the first trial of the chain, as Optuna's stale-trial retry does;
+    # "retry_history" is left alone: it counts heartbeat retries against --max-retry, and the
+    # user stopping a trial is no sign that it kills its worker.
+    first = failed.system_attrs.get("failed_trial", failed.number)
+    system_attrs = {**failed.system_attrs, "failed_trial": first}
+    system_attrs.pop("heartbeat", None)  # the retry's own start time is its first beat
+    user_attrs = {BASELINE: True} if failed.user_attrs.get(BASELINE) else {}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=failed.params,
+            distributions=failed.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
+        )
+    )
 
 
 def run_worker(
