@@ -118,12 +118,46 @@ def open_storage(url: str, *, heartbeat: int = 10, max_retry: int = 2):
         path = Path(url.removeprefix("journal:").removeprefix("file://"))
         if path.is_dir():
             path = path / "journal.log"
+        _check_journal_file(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             backend = optuna.storages.journal.JournalFileBackend(str(path))
         except OSError as e:
             raise UserError(f"cannot open storage {path}: {e.strerror or e}") from e
         return _journal_storage_class()(backend, path, heartbeat, 3 * heartbeat, retry)
+
+
+def _check_journal_file(path: Path) -> None:
+    """Refuse an existing file that is not an Optuna journal before the backend opens it: it
+    appends its first entry to whatever file it is given (``--storage notes.txt``, a mistyped
+    path) and only then fails to read it, leaving the user's file with a line of JSON at its
+    end.
+
+    Raises:
+        UserError: ``path`` holds something other than journal entries.
+    """
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+    except FileNotFoundError:
+        return  # a new study's journal
+    except OSError as e:
+        raise UserError(f"cannot open storage {path}: {e.strerror or e}") from e
+    if not first.strip():
+        return  # an empty file (nothing written yet), which the backend starts on
+    if not first.endswith(b"\n") and first.startswith(b'{"op_code":'):
+        return  # a first entry cut short by a kill, which the backend skips
+    try:
+        entry = json.loads(first)
+    except ValueError:  # not UTF-8, or not JSON
+        entry = None
+    if not isinstance(entry, dict) or "op_code" not in entry:
+        raise UserError(
+            f"cannot open storage {path}: it is not an Optuna journal (left unchanged); give a "
+            "study's journal.log, a path that does not exist yet, or a postgresql:// URL"
+        )
 
 
 def _with_installed_driver(url: str) -> str:

@@ -1,0 +1,32 @@
+"""A --storage that names no storage: refused in one line before anything is written."""
+
+from __future__ import annotations
+
+from conftest import TINY
+
+
+def tune_with_storage(vt, tiny_data, tmp_path, storage: str):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: continuous, min: 0.001, max: 0.1, scaling: log}\n")
+    return vt(
+        "tune", "--data", str(tiny_data), "--space", str(space), "--max-trials", "1",
+        "--epochs", "1", *TINY, "--storage", storage, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def one_error_line(out) -> str:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    return line
+
+
+def test_a_file_that_is_not_a_journal_is_refused_and_left_unchanged(tiny_data, tmp_path, vt):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    out = tune_with_storage(vt, tiny_data, tmp_path, str(notes))
+    # Optuna's journal backend appended the study's first entry to the file, then failed.
+    assert notes.read_text() == "my notes\n"
+    assert one_error_line(out) == (
+        f"error: cannot open storage {notes}: it is not an Optuna journal (left unchanged); "
+        "give a study's journal.log, a path that does not exist yet, or a postgresql:// URL"
+    )
