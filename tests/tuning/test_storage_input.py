@@ -30,3 +30,14 @@ def test_a_file_that_is_not_a_journal_is_refused_and_left_unchanged(tiny_data, t
         f"error: cannot open storage {notes}: it is not an Optuna journal (left unchanged); "
         "give a study's journal.log, a path that does not exist yet, or a postgresql:// URL"
     )
+
+
+def test_a_url_of_no_storage_is_refused_not_taken_for_a_local_file(tiny_data, tmp_path, vt):
+    # A mistyped scheme ran the whole study in ./postgressql:/tuner@db/studies, a local journal
+    # no worker on another machine would ever join.
+    out = tune_with_storage(vt, tiny_data, tmp_path, "postgressql://tuner:secret@db/studies")
+    assert one_error_line(out) == (
+        "error: storage postgressql://tuner:***@db/studies: unknown scheme postgressql://; "
+        "give postgresql://..., mysql://..., sqlite:///FILE or a journal file path"
+    )
+    assert not (tmp_path / "postgressql:").exists() and not (tmp_path / "studies").exists()

@@ -75,9 +75,31 @@ def _journal_storage_class():
     return HeartbeatJournalStorage
 
 
+RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
+# Schemes of a journal file path: file:///path, journal:///path.
+FILE_SCHEMES = ("file", "journal")
+
+
 def is_rdb_url(url: str) -> bool:
     """Whether ``url`` names a database (SQLAlchemy URL) rather than a journal file."""
-    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "sqlite")
+    return url.split(":", 1)[0].split("+", 1)[0] in RDB_SCHEMES
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a URL of a scheme no storage has (``redis://``, ``postgressql://``, ``s3://``)
+    instead of taking it for a journal file path: that ran the study in a local file under
+    ``./redis:/``, where no other machine's worker would ever see it.
+
+    Raises:
+        UserError: ``url`` has a ``scheme://`` that is neither a database nor a file.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.split("+", 1)[0] in (*RDB_SCHEMES, *FILE_SCHEMES):
+        return
+    raise UserError(
+        f"storage {redact(url)}: unknown scheme {scheme}://; give postgresql://..., "
+        "mysql://..., sqlite:///FILE or a journal file path"
+    )
 
 
 def default_storage(study_dir: Path) -> str:
@@ -94,6 +116,7 @@ def open_storage(url: str, *, heartbeat: int = 10, max_retry: int = 2):
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    check_storage_url(url)
     with quiet_optuna():
         retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         if is_rdb_url(url):
