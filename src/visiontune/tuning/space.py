@@ -304,7 +304,11 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise UserError(f"space file not found: {path}")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:  # an image or archive given as --space
+        raise UserError(f"space file {path} is not a YAML text file (not UTF-8)") from e
+    except OSError as e:
+        raise UserError(f"cannot read space file {path}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
         raise UserError(f"space file {path} is not valid YAML: {e}".splitlines()[0]) from e
     return parse_space(spec)

@@ -1,4 +1,5 @@
-"""A --storage that names no storage: refused in one line before anything is written."""
+"""Bad input to `visiontune tune` (a --space that is no YAML text, a --storage that names no
+storage): refused in one line before anything is written."""
 
 from __future__ import annotations
 
@@ -41,3 +42,9 @@ def test_a_url_of_no_storage_is_refused_not_taken_for_a_local_file(tiny_data, tm
         "give postgresql://..., mysql://..., sqlite:///FILE or a journal file path"
     )
     assert not (tmp_path / "postgressql:").exists() and not (tmp_path / "studies").exists()
+
+
+def test_a_space_file_that_is_not_text_is_one_error_line(tiny_data, tmp_path, vt):
+    image = next((tiny_data / "train" / "cat").iterdir())  # --space given a JPEG by mistake
+    out = vt("tune", "--data", str(tiny_data), "--space", str(image), *TINY, cwd=tmp_path)
+    assert one_error_line(out) == f"error: space file {image} is not a YAML text file (not UTF-8)"
