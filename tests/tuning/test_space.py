@@ -58,6 +58,11 @@ def test_dash_and_underscore_keys_and_log_scaling():
         ({"lr": {"type": "continuous", "min": float("nan"), "max": 0.1}}, "finite"),
         ({"epochs": {"type": "integer", "min": 1, "max": float("inf")}}, "finite"),
         ({"dropout": {"type": "categorical", "values": [0.1, float("nan")]}}, "finite"),
+        # Accepted and drawn linearly before: refused, as script mode refuses it.
+        (
+            {"epochs": {"type": "integer", "min": 1, "max": 100, "scaling": "log"}},
+            "epochs is an integer range: log scaling is not supported; use linear",
+        ),
     ],
 )
 def test_bad_spaces_fail_in_one_line(spec, message):

@@ -48,3 +48,13 @@ def test_a_space_file_that_is_not_text_is_one_error_line(tiny_data, tmp_path, vt
     image = next((tiny_data / "train" / "cat").iterdir())  # --space given a JPEG by mistake
     out = vt("tune", "--data", str(tiny_data), "--space", str(image), *TINY, cwd=tmp_path)
     assert one_error_line(out) == f"error: space file {image} is not a YAML text file (not UTF-8)"
+
+
+def test_log_scaling_of_an_integer_range_is_refused_not_ignored(tiny_data, tmp_path, vt):
+    space = tmp_path / "space.yaml"
+    space.write_text("epochs: {type: integer, min: 1, max: 64, scaling: log}\n")
+    out = vt("tune", "--data", str(tiny_data), "--space", str(space), *TINY, cwd=tmp_path)
+    assert one_error_line(out) == (
+        "error: space: epochs is an integer range: log scaling is not supported; use linear"
+    )
+    assert not (tmp_path / "studies").exists()

@@ -272,6 +272,12 @@ def parse_param(key: Any, spec: Any) -> Param:
     if scaling not in ("linear", "log"):
         raise UserError(f"space: {key}.scaling must be linear or log, got {scaling!r}")
     log = scaling == "log"
+    if log and integer:
+        # Not drawn log-uniformly, so refused rather than ignored (as script mode refuses a
+        # Logarithmic IntegerParameter).
+        raise UserError(
+            f"space: {key} is an integer range: log scaling is not supported; use linear"
+        )
     if log and low <= 0:
         raise UserError(f"space: {key} uses log scaling, so min must be > 0 (got {low})")
     return Param(name, kind, low=low, high=high, log=log)  # type: ignore[arg-type]
