@@ -214,6 +214,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     study_dir = settings.resolved_study_dir()
     storage_url = settings.storage or default_storage(study_dir)
     storage = open_storage(storage_url, heartbeat=settings.heartbeat, max_retry=settings.max_retry)
+    warm_sources = _warm_start_sources(settings, storage_url)
     direction = direction_for(settings.objective, settings.direction)
     payload = {
         "format": FORMAT,
@@ -249,7 +250,6 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     existing = study.user_attrs.get(ATTR)
     if existing is None:
         study.set_user_attr(ATTR, payload)
-        _warm_start(study, settings, space, storage_url)
     else:
         for key in ("fixed", "space", "objective", "direction", "strategy", "early_stopping", "cv"):
             # A study from before cross-validation has no "cv": it validated plainly.
@@ -262,6 +262,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
         if any(existing.get(k) != v for k, v in changed.items()):
             study.set_user_attr(ATTR, {**existing, **changed})
+    _warm_start(study, warm_sources, space)  # a continued study too: --warm-start is not lost
     for line in (*small_lines, cv.line):  # every check passed: the study starts with these
         print(line, file=sys.stderr)
     return study, storage_url, study_dir
@@ -335,15 +336,16 @@ def _plan_cv(settings: TuneSettings, fixed):
     return plan
 
 
-def _warm_start(study, settings: TuneSettings, space: SearchSpace, storage_url: str) -> None:
-    """Seed the sampler with the finished trials of earlier studies (names in the same storage,
-    or study directories)."""
+def _warm_start_sources(settings: TuneSettings, storage_url: str) -> list[tuple[str, Any]]:
+    """The earlier studies ``--warm-start`` names, as ``(name, storage)``: found before the
+    study is created, so a mistyped source leaves nothing behind.
+
+    Raises:
+        UserError: a source that is neither a study in the storage nor a study directory.
+    """
     import optuna
 
-    if not settings.warm_start:
-        return
-    dists = space.distributions()
-    added = 0
+    sources = []
     for source in settings.warm_start:
         path = Path(source)
         if path.is_dir() and (path / "journal.log").is_file():
@@ -354,10 +356,32 @@ def _warm_start(study, settings: TuneSettings, space: SearchSpace, storage_url: 
                 raise UserError(f"--warm-start {source}: cannot tell which study to use ({names})")
         else:
             storage, name = open_storage(storage_url), source
-        try:
-            other = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
-            raise UserError(f"--warm-start {source}: no such study or study directory") from None
+            if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+                raise UserError(f"--warm-start {source}: no such study or study directory")
+        same_storage = path.is_dir() and default_storage(path) == storage_url
+        if name == settings.study and (same_storage or not path.is_dir()):
+            raise UserError(f"--warm-start {source}: that is this study itself")
+        sources.append((name, storage))
+    return sources
+
+
+def _warm_start(study, sources: list[tuple[str, Any]], space: SearchSpace) -> None:
+    """Seed the sampler with the finished trials of earlier studies (``sources``, from
+    :func:`_warm_start_sources`).
+
+    A continued study is seeded too, with the trials it does not hold yet: the seeds are
+    tagged with their origin, so naming the same source again adds nothing twice.
+    """
+    import optuna
+
+    if not sources:
+        return
+    dists = space.distributions()
+    held = {t.user_attrs[WARM_START] for t in study.get_trials(deepcopy=False)
+            if WARM_START in t.user_attrs}  # fmt: skip
+    added = 0
+    for name, storage in sources:
+        other = optuna.load_study(study_name=name, storage=storage)
         for t in other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if set(t.params) != set(dists) or WARM_START in t.user_attrs:
                 continue
@@ -365,14 +389,18 @@ def _warm_start(study, settings: TuneSettings, space: SearchSpace, storage_url: 
                 dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in t.params.items()
             ):
                 continue
+            tag = f"{name}#{t.number}"
+            if tag in held:
+                continue
             study.add_trial(
                 optuna.trial.create_trial(
                     params=dict(t.params),
                     distributions=dists,
                     value=t.value,
-                    user_attrs={WARM_START: f"{name}#{t.number}"},
+                    user_attrs={WARM_START: tag},
                 )
             )
+            held.add(tag)
             added += 1
     print(f"warm start: seeded the sampler with {added} earlier trial(s)", file=sys.stderr)
 
