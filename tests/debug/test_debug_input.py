@@ -1,0 +1,76 @@
+"""Bad input to `visiontune debug` and to a run's debugger: section, through the console entry
+point: one line on stderr, exit code 2, nothing half-done."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import TINY_TRAIN, write_dataset
+from loop_harness import cfg_for, run_train
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def visiontune(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "visiontune", *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def one_error_line(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    return line
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("debug-input") / "data", per_class=4)
+
+
+@pytest.fixture(scope="module")
+def debugged_run(data) -> Path:
+    run = data.parent / "run"
+    run_train(cfg_for(data, run, epochs=1, debugger={"save_interval": 1}))
+    return run
+
+
+def test_a_rule_parameter_of_the_wrong_kind_is_one_line(debugged_run):
+    out = visiontune("debug", str(debugged_run), "--set", "LossNotDecreasing.num_steps=abc")
+    assert one_error_line(out) == "error: LossNotDecreasing.num_steps must be a number, got 'abc'"
+    # SageMaker passes rule parameters as strings: "4" is the number 4.
+    ok = visiontune("debug", str(debugged_run), "--set", "LossNotDecreasing.num_steps='4'")
+    assert ok.returncode == 0 and "LossNotDecreasing" in ok.stdout, ok.stderr
+
+
+@pytest.mark.parametrize(
+    ("debugger", "line"),
+    [
+        (
+            {"rules": [{"name": "LossNotDecreasing", "parameters": {"num_steps": "abc"}}]},
+            "error: invalid config value for 'debugger.rules': "
+            "LossNotDecreasing.num_steps must be a number, got 'abc'",
+        ),
+        (
+            {"activations_regex": "[(", "collections": ["activations"]},
+            "error: invalid config value for 'debugger.activations_regex': not a valid regular "
+            "expression (unterminated character set at position 0): '[('",
+        ),
+    ],
+)
+def test_a_bad_debugger_section_stops_train_before_it_starts(data, tmp_path, debugger, line):
+    # The rule trained along with a warning and judged nothing; the regex was a traceback.
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**TINY_TRAIN, "epochs": 1, "debugger": debugger}))
+    run = tmp_path / "run"
+    out = visiontune("train", "--data", str(data), "--output", str(run), "--config", str(config))
+    assert one_error_line(out) == line
+    assert not run.exists()
