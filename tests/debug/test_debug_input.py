@@ -74,3 +74,22 @@ def test_a_bad_debugger_section_stops_train_before_it_starts(data, tmp_path, deb
     out = visiontune("train", "--data", str(data), "--output", str(run), "--config", str(config))
     assert one_error_line(out) == line
     assert not run.exists()
+
+
+def test_a_bad_tensor_regex_is_one_line(debugged_run):
+    for args in (["--tensors", "[("], ["--plot", "--plot-tensors", "[("]):
+        out = visiontune("debug", str(debugged_run), *args)
+        assert one_error_line(out) == (
+            "error: not a valid regular expression (unterminated character set at position 0): '[('"
+        )
+
+
+def test_an_unknown_reduction_is_refused_not_left_out_of_the_page(debugged_run, tmp_path):
+    page = tmp_path / "plots.html"
+    args = ["--plot", "--plot-tensors", "loss", "--reduction", "median", "-o", str(page)]
+    out = visiontune("debug", str(debugged_run), *args)
+    assert one_error_line(out) == (
+        "error: unknown reduction 'median' "
+        "(one of: min, max, mean, std, variance, l1, l2, zero_frac, nan, inf)"
+    )
+    assert not page.exists()

@@ -257,7 +257,10 @@ class Trial:
     ) -> list[str]:
         """Names of captured tensors, filtered by regex (search), mode and collection."""
         m = _mode(mode)
-        pat = re.compile(regex) if regex else None
+        try:
+            pat = re.compile(regex) if regex else None
+        except re.error as e:
+            raise UserError(f"not a valid regular expression ({e}): {regex!r}") from None
         out = []
         for name, rows in self._by_name.items():
             if pat and not pat.search(name):
