@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def visiontune(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env or {})}
+    env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
     return subprocess.run(
         [sys.executable, "-m", "visiontune", *args],
@@ -93,3 +93,16 @@ def test_an_unknown_reduction_is_refused_not_left_out_of_the_page(debugged_run, 
         "(one of: min, max, mean, std, variance, l1, l2, zero_frac, nan, inf)"
     )
     assert not page.exists()
+
+
+def test_an_s3_run_without_credentials_is_one_line(tmp_path):
+    no_credentials = {
+        "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "",
+        "AWS_PROFILE": "", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true",
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({k: v for k, v in no_credentials.items() if v})
+    uri = "s3://runs/one"
+    out = visiontune("debug", uri, "--endpoint-url", "http://127.0.0.1:9", env=env)
+    assert one_error_line(out).startswith(f"error: no AWS credentials found for {uri}: ")

@@ -169,25 +169,27 @@ class Trial:
     """
 
     def __init__(self, path: str | Path, endpoint_url: str | None = None):
-        from visiontune.uri import is_remote, open_fs
+        from visiontune.uri import is_remote, open_fs, storage_errors
 
         self.path = str(path).rstrip("/")
         self.endpoint_url = endpoint_url
-        if is_remote(self.path):
-            self._fs, root = open_fs(self.path, endpoint_url)
-        else:
-            import fsspec
+        # Missing credentials, an unreachable endpoint: one line, not a botocore traceback.
+        with storage_errors(self.path, endpoint_url):
+            if is_remote(self.path):
+                self._fs, root = open_fs(self.path, endpoint_url)
+            else:
+                import fsspec
 
-            self._fs, root = fsspec.filesystem("file"), str(Path(self.path).resolve())
-        self._debug = (
-            root
-            if root.rstrip("/").endswith("/" + store.DEBUG_DIR)
-            else (f"{root.rstrip('/')}/{store.DEBUG_DIR}")
-        )
-        self._seen: dict[str, Any] = {}
-        self._rows: list[dict[str, Any]] = []
-        self.meta: dict[str, Any] = {}
-        self.refresh()
+                self._fs, root = fsspec.filesystem("file"), str(Path(self.path).resolve())
+            self._debug = (
+                root
+                if root.rstrip("/").endswith("/" + store.DEBUG_DIR)
+                else (f"{root.rstrip('/')}/{store.DEBUG_DIR}")
+            )
+            self._seen: dict[str, Any] = {}
+            self._rows: list[dict[str, Any]] = []
+            self.meta: dict[str, Any] = {}
+            self.refresh()
         if not self.meta and not self._rows:
             raise UserError(
                 f"no debugger data in {self.path} (train with --debug, or a debugger: section)"
