@@ -110,8 +110,9 @@ def write_html(
     import plotly.io as pio
 
     from visiontune.errors import UserError
-    from visiontune.io import atomic_write_text
+    from visiontune.io import atomic_write_text, check_page_output
 
+    check_page_output(out)
     figs = figures(run_dir, regex, reduction, endpoint_url)
     if not figs:
         raise UserError(f"nothing to plot in {run_dir}: no debugger data")

@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from visiontune.io import atomic_write_text
+from visiontune.io import atomic_write_text, check_page_output
 from visiontune.tuning.storage import study_config
 from visiontune.tuning.trials import (
     best_summary,
@@ -125,5 +125,6 @@ Space: {space_txt}<br>{cv_html}Generated {dt.datetime.now().isoformat(timespec="
 def write_report(study, path: str | Path) -> Path:
     """Write the report atomically and return its path."""
     path = Path(path)
+    check_page_output(path)
     atomic_write_text(path, render_report(study))
     return path
