@@ -98,18 +98,19 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSON-lines file, ignoring a torn last line left by a crash."""
+    """Read a JSON-lines file, ignoring a torn last line left by a crash (or any line that is
+    not JSON text: a crash can leave garbage bytes, which must not cost the other lines)."""
     out = []
     p = Path(path)
     if not p.exists():
         return out
-    for line in p.read_text().splitlines():
+    for line in p.read_bytes().splitlines():
         line = line.strip()
         if not line:
             continue
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
             continue
     return out
 

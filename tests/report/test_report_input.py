@@ -55,3 +55,12 @@ def test_an_output_that_is_not_a_report_is_left_unchanged(tmp_path):
     for _ in range(2):
         out = visiontune("report", str(run), "-o", str(page))
         assert out.returncode == 0 and out.stdout.strip() == str(page), out.stderr
+
+
+def test_a_metrics_file_with_garbage_bytes_still_gives_a_report(tmp_path):
+    run = a_run(tmp_path / "run")
+    with open(run / "metrics.jsonl", "ab") as f:  # what a crash mid-write can leave
+        f.write(b"\xff\xfe\x00garbage\n")
+    out = visiontune("report", str(run))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "0.75" in (run / "report.html").read_text()
