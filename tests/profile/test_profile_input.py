@@ -3,6 +3,7 @@ window where no step runs, a window with the profiler off. Through the console e
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,13 @@ def test_a_profiler_section_with_a_window_but_off_is_one_line(data, tmp_path):
         "which enabled: false turns off"
     ]
     assert not run.exists()
+
+
+def test_a_window_past_the_last_step_is_said(data, tmp_path):
+    run = tmp_path / "run"
+    out = train(data, run, "--profile-steps", "100-200")
+    assert out.returncode == 0, out.stderr
+    said = "profile_steps 100-200 starts after the run's last step (2): nothing is traced"
+    assert f"warning: {said}" in out.stderr.splitlines()
+    assert json.loads((run / "profile" / "meta.json").read_text())["profile_steps_note"] == said
+    assert not (run / "profile" / "trace.json").exists()
