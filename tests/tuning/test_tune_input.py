@@ -3,6 +3,9 @@ storage): refused in one line before anything is written."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 from conftest import TINY
 
 
@@ -58,3 +61,26 @@ def test_log_scaling_of_an_integer_range_is_refused_not_ignored(tiny_data, tmp_p
         "error: space: epochs is an integer range: log scaling is not supported; use linear"
     )
     assert not (tmp_path / "studies").exists()
+
+
+def test_continuing_a_study_on_changed_data_is_refused(tiny_data, tmp_path, vt):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)  # the session's dataset stays as it is
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: continuous, min: 0.001, max: 0.1, scaling: log}\n")
+    args = ["tune", "--data", str(data), "--space", str(space), "--epochs", "1", *TINY,
+            "--set", "max_steps_per_epoch=1", "--study", "s", "--json"]  # fmt: skip
+    first = vt(*args, "--max-trials", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    # An image added at the same path: the next trials would be ranked against trial 0 on
+    # other images. Continued silently before.
+    extra = next((data / "valid" / "cat").iterdir())
+    shutil.copy(extra, extra.with_name("added.jpg"))
+    more = vt(*args, "--max-trials", "2", cwd=tmp_path)
+    assert one_error_line(more) == (
+        f"error: the data at {data} changed since study 's' started (32 images then, 33 now): "
+        "its trials would be compared on different images; continue it with the data as it "
+        "was, or start a new one with --study NAME"
+    )
+    status = json.loads(vt("tune", "status", "s", "--json", cwd=tmp_path).stdout)
+    assert [t["state"] for t in status] == ["COMPLETE"]

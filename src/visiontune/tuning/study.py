@@ -143,8 +143,11 @@ def check_objective(objective: str) -> None:
         raise UserError(f"unknown objective {objective!r} ({hint})")
 
 
-def check_batch_sizes(fixed, space: SearchSpace) -> None:
+def check_batch_sizes(fixed, space: SearchSpace):
     """Fail before any trial when a batch size exceeds the training split.
+
+    Returns:
+        The dataset's index (what the check discovered), for :func:`data_key`.
 
     Raises:
         UserError: the largest batch size in play is larger than the training split.
@@ -172,6 +175,28 @@ def check_batch_sizes(fixed, space: SearchSpace) -> None:
             f"batch size {max(too_big)} is larger than the training split of {fixed.data} "
             f"({n_train} images); lower it in the space or the fixed options"
         )
+    return index
+
+
+def data_key(index) -> dict[str, Any]:
+    """What a continued study must find again in its data: the number of images, and a key of
+    every image's split, path (under the dataset's root), label and size.
+
+    Modification times are left out, so a copy of the same files (``cp``, ``rsync`` without
+    ``-t``) is the same data.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    root = index.root.rstrip("/")
+    images = 0
+    for name in sorted(index.splits):
+        for path, label in sorted(index.splits[name]):
+            rel = path[len(root) :] if path.startswith(root) else path
+            size = index.file_info.get(path, (-1, ""))[0]
+            h.update(f"{name}\0{rel}\0{label}\0{size}\n".encode())
+            images += 1
+    return {"key": h.hexdigest()[:32], "images": images}
 
 
 def create_study(settings: TuneSettings, fixed, space: SearchSpace):
@@ -205,7 +230,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     space.validate(fixed_values)
     if settings.strategy == "grid":
         space.grid()
-    check_batch_sizes(fixed, space)
+    data = data_key(check_batch_sizes(fixed, space))
     if settings.trial_nproc != 1:
         check_distributed_trials(
             {"fixed": fixed_values}, space, settings.parallel, settings.trial_nproc
@@ -232,6 +257,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         "cv_note": cv.line,
         "valid_images": cv.valid_images,  # the noise of a plain accuracy (tuning.baseline)
         "baseline": untuned_default(given, space, *size),  # trial 0, if in the space
+        "data": data,  # a continued study trains on the same images (data_key)
     }
     with quiet_optuna():
         try:
@@ -258,6 +284,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
                     f"study {settings.study!r} already exists with a different {key}; "
                     f"continue it with the same options, or start a new one with --study NAME"
                 )
+        _check_same_data(settings.study, fixed.data, existing.get("data"), data)
         # The budget and what trials keep may change when a study is continued.
         changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
         if any(existing.get(k) != v for k, v in changed.items()):
@@ -266,6 +293,24 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     for line in (*small_lines, cv.line):  # every check passed: the study starts with these
         print(line, file=sys.stderr)
     return study, storage_url, study_dir
+
+
+def _check_same_data(study: str, where: str, before: dict | None, now: dict) -> None:
+    """A continued study must train on the images its trials trained on: with images added,
+    removed or relabelled at the same path, new trials were ranked against old ones measured
+    on other validation images (and the untuned default's noise on other images), silently.
+
+    Raises:
+        UserError: the data changed since the study started (a study from before this check
+            stored no key, and is let through).
+    """
+    if before is None or before.get("key") == now["key"]:
+        return
+    raise UserError(
+        f"the data at {where} changed since study {study!r} started ({before.get('images')} "
+        f"images then, {now['images']} now): its trials would be compared on different images; "
+        "continue it with the data as it was, or start a new one with --study NAME"
+    )
 
 
 def _check_new_study_owns_its_trials(storage, name: str, study_dir: Path) -> None:
