@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from conftest import TINY
 
 
@@ -84,3 +85,18 @@ def test_continuing_a_study_on_changed_data_is_refused(tiny_data, tmp_path, vt):
     )
     status = json.loads(vt("tune", "status", "s", "--json", cwd=tmp_path).stdout)
     assert [t["state"] for t in status] == ["COMPLETE"]
+
+
+@pytest.mark.parametrize(
+    ("option", "line"),
+    [
+        # Every running trial of the other workers would be stale to it: failed and queued
+        # again while they still train it.
+        (["--heartbeat", "0"], "error: --heartbeat must be at least 1 second, got 0"),
+        (["--timeout", "-1"], "error: --timeout must be more than 0 seconds, got -1.0"),
+    ],
+)
+def test_a_worker_refuses_a_heartbeat_or_timeout_out_of_range(tmp_path, vt, option, line):
+    journal = tmp_path / "journal.log"
+    out = vt("tune", "worker", "--study", "s", "--storage", str(journal), *option, cwd=tmp_path)
+    assert one_error_line(out) == line

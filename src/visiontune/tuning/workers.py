@@ -204,9 +204,20 @@ def run_worker(
 
     Returns:
         The number of trials this worker ran.
+
+    Raises:
+        UserError: a heartbeat under a second or a timeout that is not positive.
     """
     import optuna
 
+    from visiontune.errors import UserError
+
+    # A trial is stale after three heartbeats: at 0 (or less) a worker would find every
+    # other worker's running trial stale, fail it and queue it again.
+    if heartbeat < 1:
+        raise UserError(f"--heartbeat must be at least 1 second, got {heartbeat}")
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"--timeout must be more than 0 seconds, got {timeout}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     probe = load_study(study_name, storage_url, heartbeat=heartbeat)
     cfg = study_config(probe)
