@@ -4,6 +4,7 @@ point: one line on stderr, exit code 2, nothing half-done."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,17 @@ def test_an_s3_run_without_credentials_is_one_line(tmp_path):
     uri = "s3://runs/one"
     out = visiontune("debug", uri, "--endpoint-url", "http://127.0.0.1:9", env=env)
     assert one_error_line(out).startswith(f"error: no AWS credentials found for {uri}: ")
+
+
+def test_a_run_copied_in_part_is_one_line_naming_the_file(debugged_run, tmp_path):
+    # Parts and meta.json are written atomically: a broken one is a copy cut short.
+    for broken, line in (
+        ("meta.json", "{} is not valid JSON (a copy cut short?)"),
+        ("tensors/part-000001.parquet", "cannot read {} (a copy cut short?): "),
+    ):
+        run = tmp_path / broken.replace("/", "-")
+        shutil.copytree(debugged_run, run)
+        path = run / "debug" / broken
+        path.write_bytes(path.read_bytes()[:20])
+        out = visiontune("debug", str(run))
+        assert one_error_line(out).startswith("error: " + line.format(path.resolve()))

@@ -202,11 +202,14 @@ class Trial:
         from visiontune.io import read_parquet
 
         fs = self._fs
+        meta = f"{self._debug}/{store.META}"
         try:
-            with fs.open(f"{self._debug}/{store.META}", "rb") as f:
+            with fs.open(meta, "rb") as f:
                 self.meta = json.loads(f.read())
         except (FileNotFoundError, OSError):
             self.meta = {}
+        except ValueError:  # written atomically, so a copy cut short (rsync, a download)
+            raise UserError(f"{meta} is not valid JSON (a copy cut short?)") from None
         try:
             files = sorted(fs.glob(f"{self._debug}/{store.TENSORS_DIR}/part-*.parquet"))
         except (FileNotFoundError, OSError):
@@ -224,8 +227,12 @@ class Trial:
         for f in sorted(sizes):
             if f in self._seen:
                 continue
-            with fs.open(f, "rb") as fh:
-                self._rows += read_parquet(fh, store.schema()).to_pylist()
+            try:
+                with fs.open(f, "rb") as fh:
+                    self._rows += read_parquet(fh, store.schema()).to_pylist()
+            except ValueError as e:  # pyarrow's ArrowInvalid: parts are written atomically
+                first = str(e).strip().splitlines()[0]
+                raise UserError(f"cannot read {f} (a copy cut short?): {first}") from None
             self._seen[f] = sizes[f]
         self._index()
 
