@@ -267,6 +267,18 @@ def test_warm_start_seeds_a_continued_study_once(tiny_data):
         run(tiny_data, space, study="second", max_trials=1, warm_start=["second"], **kw)
 
 
+def test_a_continued_study_takes_the_new_max_retry(tiny_data):
+    from visiontune.tuning.storage import load_study, study_config
+
+    space = {"lr": {"type": "continuous", "min": 0.005, "max": 0.05, "scaling": "log"}}
+    kw = {"fixed": {"epochs": 1, "batch_size": 4}, "max_trials": 1}
+    run(tiny_data, space, study="r", max_retry=2, **kw)
+    again = run(tiny_data, space, study="r", max_retry=5, **kw)
+    # Workers read the retries of a dead worker's trial from the study: the new value was
+    # accepted and ignored.
+    assert study_config(load_study("r", again.storage))["max_retry"] == 5
+
+
 def test_train_best_trains_the_final_model_with_the_best_params(tiny_data):
     import yaml
 

@@ -168,7 +168,7 @@ def create_script_study(
                     f"study {settings.study!r} already exists with a different {key}; continue "
                     "it with the same options, or start a new one with --study NAME"
                 )
-        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
+        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints", "max_retry")}
         if any(existing.get(k) != v for k, v in changed.items()):
             study.set_user_attr(ATTR, {**existing, **changed})
     _warm_start(study, warm_sources, space)  # a continued study too, each seed once

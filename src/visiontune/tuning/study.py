@@ -285,8 +285,9 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
                     f"continue it with the same options, or start a new one with --study NAME"
                 )
         _check_same_data(settings.study, fixed.data, existing.get("data"), data)
-        # The budget and what trials keep may change when a study is continued.
-        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
+        # The budget, what trials keep and the retries of a dead worker's trial may change when
+        # a study is continued.
+        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints", "max_retry")}
         if any(existing.get(k) != v for k, v in changed.items()):
             study.set_user_attr(ATTR, {**existing, **changed})
     _warm_start(study, warm_sources, space)  # a continued study too: --warm-start is not lost
