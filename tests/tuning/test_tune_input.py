@@ -1,5 +1,7 @@
-"""Bad input to `visiontune tune` (a --space that is no YAML text, a --storage that names no
-storage): refused in one line before anything is written."""
+"""Bad input to `visiontune tune` and `tune worker`: a space file that is no YAML text or
+asks for what it cannot get, a --storage that names no storage, a study name that names no
+directory, data changed under a continued study, worker timings out of range. Each is refused
+in one line before anything is written."""
 
 from __future__ import annotations
 
@@ -100,3 +102,20 @@ def test_a_worker_refuses_a_heartbeat_or_timeout_out_of_range(tmp_path, vt, opti
     journal = tmp_path / "journal.log"
     out = vt("tune", "worker", "--study", "s", "--storage", str(journal), *option, cwd=tmp_path)
     assert one_error_line(out) == line
+
+
+@pytest.mark.parametrize("name", ["", "../elsewhere"])
+def test_a_study_name_that_is_no_directory_name_is_refused(tiny_data, tmp_path, vt, name):
+    # "" made studies/ itself the study's directory; ../elsewhere put it outside studies/.
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: continuous, min: 0.001, max: 0.1, scaling: log}\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["--data", str(tiny_data), "--space", str(space), *TINY, "--study", name]
+    out = vt("tune", *args, cwd=work)
+    assert one_error_line(out) == (
+        f"error: study name {name!r} cannot name its directory under studies/: use letters, "
+        "digits, - or _, or give --study-dir DIR"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml", "work"]
+    assert not any(work.iterdir())
