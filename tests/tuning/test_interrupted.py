@@ -12,7 +12,7 @@ from conftest import TINY
 
 
 def test_a_trial_stopped_by_ctrl_c_runs_again_when_the_study_is_continued(
-    tiny_data, tmp_path, vt, monkeypatch
+    tiny_data, tmp_path, vt, study_of, monkeypatch
 ):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: continuous, min: 0.001, max: 0.1, scaling: log}\n")
@@ -39,7 +39,10 @@ def test_a_trial_stopped_by_ctrl_c_runs_again_when_the_study_is_continued(
     again = vt(*args, "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["trials"] == {"COMPLETE": 2, "FAIL": 1}
-    rows = json.loads(vt("tune", "status", "s", "--json", cwd=tmp_path).stdout)
+    from visiontune.tuning.trials import best_summary, trial_rows
+
+    study = study_of("s", str(tmp_path / "studies" / "s" / "journal.log"))
+    rows = trial_rows(study)  # what tune status --json shows
     [failed] = [r for r in rows if r["state"] == "FAIL"]
     [retry] = [r for r in rows if r["retry_of"] is not None]
     assert failed["number"] == 0 and failed["fail_reason"] == "interrupted; queued again"
@@ -47,6 +50,5 @@ def test_a_trial_stopped_by_ctrl_c_runs_again_when_the_study_is_continued(
     assert retry["retry_of"] == 0 and retry["state"] == "COMPLETE"
     assert retry["baseline"] and retry["params"] == failed["params"]
     # ...so the study weighs its trials against the default (without the retry it had
-    # no default, and took its top trial unweighed).
-    best = json.loads(vt("tune", "best", "s", "--json", cwd=tmp_path).stdout)
-    assert "untuned default" in best["selection"]
+    # no default, and took its top trial unweighed): what tune best says.
+    assert "untuned default" in best_summary(study)["selection"]
