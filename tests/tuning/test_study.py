@@ -199,7 +199,9 @@ def test_cli_tune_status_best_report(tiny_data, tmp_path, vt):
     # A changed fixed option is a different study: refuse instead of mixing results.
     changed = vt(*[a if a != "4" else "8" for a in args], cwd=tmp_path)
     assert changed.returncode == 2
-    assert changed.stderr.strip().startswith("error: study 's1' already exists")
+    assert changed.stderr.strip().startswith(
+        "error: study 's1' already exists with a different fixed: batch_size (4 then, 8 now); "
+    )  # which option of dozens changed
 
     # A new study where trial runs it does not own are (here: its storage was removed) would
     # fail its trial 0, the untuned default, on trials/0000: refused before any trial instead.

@@ -279,10 +279,12 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     else:
         for key in ("fixed", "space", "objective", "direction", "strategy", "early_stopping", "cv"):
             # A study from before cross-validation has no "cv": it validated plainly.
-            if existing.get(key, 0 if key == "cv" else None) != payload[key]:
+            before = existing.get(key, 0 if key == "cv" else None)
+            if before != payload[key]:
                 raise UserError(
-                    f"study {settings.study!r} already exists with a different {key}; "
-                    f"continue it with the same options, or start a new one with --study NAME"
+                    f"study {settings.study!r} already exists with a different {key}"
+                    f"{_what_differs(before, payload[key])}; continue it with the same "
+                    "options, or start a new one with --study NAME"
                 )
         _check_same_data(settings.study, fixed.data, existing.get("data"), data)
         # The budget, what trials keep and the retries of a dead worker's trial may change when
@@ -294,6 +296,17 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     for line in (*small_lines, cv.line):  # every check passed: the study starts with these
         print(line, file=sys.stderr)
     return study, storage_url, study_dir
+
+
+def _what_differs(before: Any, now: Any) -> str:
+    """Which options of a stored mapping (the fixed options, the space) differ, and how: the
+    user otherwise had to find one changed option among dozens."""
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return f" ({before!r} then, {now!r} now)"
+    keys = [k for k in sorted({*before, *now}) if before.get(k) != now.get(k)]
+    shown = ", ".join(f"{k} ({before.get(k)!r} then, {now.get(k)!r} now)" for k in keys[:3])
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return f": {shown}{more}"
 
 
 def _check_same_data(study: str, where: str, before: dict | None, now: dict) -> None:
