@@ -1,14 +1,24 @@
 """Ctrl-C in the middle of a trial, then the same command again: the study runs the trial
-that was stopped (with its parameters), instead of counting its point as tried."""
+that was stopped (with its parameters), instead of counting its point as tried; a stopped
+worker says so in one line."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY
+
+from visiontune.config import TrainConfig, build_config
+from visiontune.tuning.space import parse_space
+from visiontune.tuning.study import TuneSettings, create_study
+from visiontune.tuning.trials import best_summary, trial_rows
+from visiontune.tuning.workers import wait_workers
 
 
 def test_a_trial_stopped_by_ctrl_c_runs_again_when_the_study_is_continued(
@@ -39,8 +49,6 @@ def test_a_trial_stopped_by_ctrl_c_runs_again_when_the_study_is_continued(
     again = vt(*args, "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["trials"] == {"COMPLETE": 2, "FAIL": 1}
-    from visiontune.tuning.trials import best_summary, trial_rows
-
     study = study_of("s", str(tmp_path / "studies" / "s" / "journal.log"))
     rows = trial_rows(study)  # what tune status --json shows
     [failed] = [r for r in rows if r["state"] == "FAIL"]
@@ -52,3 +60,37 @@ def test_a_trial_stopped_by_ctrl_c_runs_again_when_the_study_is_continued(
     # ...so the study weighs its trials against the default (without the retry it had
     # no default, and took its top trial unweighed): what tune best says.
     assert "untuned default" in best_summary(study)["selection"]
+
+
+def test_a_worker_stopped_in_a_trial_says_so_in_one_line(tiny_data, tmp_path, vt, monkeypatch):
+    monkeypatch.setenv("VT_INTERRUPT_MARKER", str(tmp_path / "interrupted"))
+    monkeypatch.setenv(
+        "PYTHONPATH",
+        os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p),
+    )
+    fixed = build_config(
+        TrainConfig,
+        None,
+        {"data": str(tiny_data), "model": "tiny_cnn", "weights": "none", "trainable": "all",
+         "workers": 0, "epochs": 1, "max_steps_per_epoch": 2,
+         "callbacks": ["interrupt_callback:CtrlCOnce"]},
+    )  # fmt: skip
+    space = parse_space({"lr": {"type": "continuous", "min": 0.001, "max": 0.1, "scaling": "log"}})
+    settings = TuneSettings(study="w", study_dir=str(tmp_path / "w"), heartbeat=1, cv=0)
+    study, url, _ = create_study(settings, fixed, space)  # a study with no trial yet
+
+    out = vt("tune", "worker", "--study", "w", "--storage", url, "--study-dir", str(tmp_path / "w"))
+    assert out.returncode == 128 + signal.SIGINT and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "worker stopped; its trial is queued again for the next run"
+    )
+    states = [r["state"] for r in trial_rows(study)]
+    assert states == ["FAIL", "WAITING"]
+
+
+def test_workers_all_stopped_by_a_signal_stop_the_study_like_ctrl_c():
+    stop = "import os, signal; os.kill(os.getpid(), signal.SIGINT)"
+    procs = [subprocess.Popen([sys.executable, "-c", stop]) for _ in range(2)]
+    # Not "all 2 workers failed": they were stopped, and their trials were queued again.
+    with pytest.raises(KeyboardInterrupt):
+        wait_workers(procs)

@@ -117,7 +117,7 @@ def run_trial(study, trial, objective: Callable[[Any], float]) -> None:
             state = TrialState.FAIL
         except BaseException as e:  # recorded as FAIL, then raised
             state, error = TrialState.FAIL, e
-    interrupted = error is not None and _is_interrupt(error)
+    interrupted = error is not None and is_interrupt(error)
     with quiet_optuna():
         if interrupted:
             trial.set_user_attr(FAIL_REASON, "interrupted; queued again")
@@ -128,7 +128,7 @@ def run_trial(study, trial, objective: Callable[[Any], float]) -> None:
         raise error
 
 
-def _is_interrupt(error: BaseException) -> bool:
+def is_interrupt(error: BaseException) -> bool:
     """Ctrl-C or SIGTERM, however the trial surfaced it (a training run stops at a step
     boundary with ``TrainingInterrupted``; a script trial raises ``KeyboardInterrupt``)."""
     if isinstance(error, KeyboardInterrupt):
@@ -361,6 +361,7 @@ def wait_workers(procs: list[subprocess.Popen]) -> list[int]:
 
     Raises:
         UserError: every worker failed (their own output said why).
+        KeyboardInterrupt: Ctrl-C here, or every worker was stopped by a signal.
     """
     from visiontune.errors import UserError
 
@@ -372,6 +373,11 @@ def wait_workers(procs: list[subprocess.Popen]) -> list[int]:
         for p in procs:
             p.wait()
         raise
+    stopped = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+    if procs and all(c in stopped for c in codes):
+        # The workers were stopped (Ctrl-C reached them, or a SIGTERM), not broken: their
+        # trials are queued again, and the study stops the way Ctrl-C stops it.
+        raise KeyboardInterrupt
     if procs and all(c != 0 for c in codes):
         raise UserError(f"all {len(procs)} workers failed (exit codes {codes}); see above")
     return codes
