@@ -532,6 +532,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
             heartbeat=settings.heartbeat,
             timeout=left,
             trial_nproc=settings.trial_nproc,
+            gpus=_worker_gpus(fixed, settings.trial_nproc),
         )
         wait_workers(procs)
     study, result = study_result(settings, storage_url, study_dir)
@@ -544,6 +545,17 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     if settings.train_best:
         result.best_run = train_best(study, study_dir / "best")
     return result
+
+
+def _worker_gpus(fixed, trial_nproc: int) -> list[str] | None:
+    """The GPUs ``--parallel`` workers share out, one each (``None``: trials on the CPU, a
+    GPU the fixed options name, or trials of several processes, which take theirs by worker
+    index)."""
+    if trial_nproc != 1 or str(fixed.device) not in ("auto", "cuda"):
+        return None
+    from visiontune.tuning.distributed import uses_cuda, visible_gpus
+
+    return visible_gpus() if uses_cuda(str(fixed.device)) else None
 
 
 def run_local_worker(settings: TuneSettings, storage_url: str, study_dir: Path, **limit) -> int:

@@ -319,13 +319,15 @@ def spawn_workers(
     heartbeat: int,
     timeout,
     trial_nproc: int = 1,
+    gpus: list[str] | None = None,
 ) -> list[subprocess.Popen]:
     """Start ``n`` ``visiontune tune worker`` processes against the same storage (each runs
-    trials of ``trial_nproc`` processes)."""
-    env = dict(os.environ)
-    # Share the cores instead of each process claiming all of them.
-    threads = max(1, (os.cpu_count() or 1) // n)
-    env["OMP_NUM_THREADS"] = str(threads)
+    trials of ``trial_nproc`` processes).
+
+    ``gpus``: the GPUs (``CUDA_VISIBLE_DEVICES`` names) trials of one process train on; each
+    worker gets one of its own (round-robin when there are fewer GPUs than workers). Without
+    it every worker trained on the first GPU, whatever the machine had.
+    """
     cmd = [
         sys.executable,
         "-c",
@@ -345,12 +347,26 @@ def spawn_workers(
         cmd += ["--timeout", str(timeout)]
     if trial_nproc != 1:
         cmd += ["--trial-nproc", str(trial_nproc)]
+    envs = worker_envs(n, trial_nproc, gpus)
     return [
         subprocess.Popen(
-            [*cmd, "--worker-index", str(i)], env=env, preexec_fn=_set_parent_death_signal
+            [*cmd, "--worker-index", str(i)], env=envs[i], preexec_fn=_set_parent_death_signal
         )
         for i in range(n)
     ]
+
+
+def worker_envs(n: int, trial_nproc: int = 1, gpus: list[str] | None = None) -> list[dict]:
+    """The environment of each of ``n`` local workers: its share of the cores and, for trials
+    of one process on CUDA, a GPU of its own (see :func:`spawn_workers`)."""
+    env = dict(os.environ)
+    # Share the cores instead of each process claiming all of them.
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    envs = [dict(env) for _ in range(n)]
+    if gpus and trial_nproc == 1:  # a trial of N > 1 processes takes its GPUs by worker index
+        for i, worker_env in enumerate(envs):
+            worker_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+    return envs
 
 
 def wait_workers(procs: list[subprocess.Popen]) -> list[int]:
