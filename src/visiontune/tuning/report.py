@@ -123,7 +123,11 @@ Space: {space_txt}<br>{cv_html}Generated {dt.datetime.now().isoformat(timespec="
 
 
 def write_report(study, path: str | Path) -> Path:
-    """Write the report atomically and return its path."""
+    """Write the report atomically and return its path.
+
+    Raises:
+        UserError: ``path`` is a directory, or a file that is not an earlier visiontune page.
+    """
     path = Path(path)
     check_page_output(path)
     atomic_write_text(path, render_report(study))
