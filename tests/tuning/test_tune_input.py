@@ -119,3 +119,12 @@ def test_a_study_name_that_is_no_directory_name_is_refused(tiny_data, tmp_path, 
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml", "work"]
     assert not any(work.iterdir())
+
+
+def test_a_mistyped_storage_path_creates_nothing(tmp_path, vt):
+    # status, best, report and worker read a study: a journal (and its folders) was created
+    # for the mistyped path before the study was found missing.
+    journal = tmp_path / "stdies" / "s" / "journal.log"
+    out = vt("tune", "status", "s", "--storage", str(journal), cwd=tmp_path)
+    assert one_error_line(out) == f"error: no study 's': {journal} does not exist"
+    assert not (tmp_path / "stdies").exists()

@@ -138,9 +138,7 @@ def open_storage(url: str, *, heartbeat: int = 10, max_retry: int = 2):
             except Exception as e:  # sqlalchemy errors, a missing driver: all the user's to fix
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"cannot open storage {shown}: {first}") from e
-        path = Path(url.removeprefix("journal:").removeprefix("file://"))
-        if path.is_dir():
-            path = path / "journal.log"
+        path = journal_path(url)
         _check_journal_file(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +146,12 @@ def open_storage(url: str, *, heartbeat: int = 10, max_retry: int = 2):
         except OSError as e:
             raise UserError(f"cannot open storage {path}: {e.strerror or e}") from e
         return _journal_storage_class()(backend, path, heartbeat, 3 * heartbeat, retry)
+
+
+def journal_path(url: str) -> Path:
+    """The journal file a storage that is no database URL names (a folder: its journal.log)."""
+    path = Path(url.removeprefix("journal:").removeprefix("file://"))
+    return path / "journal.log" if path.is_dir() else path
 
 
 def _check_journal_file(path: Path) -> None:
@@ -211,6 +215,10 @@ def load_study(name: str, storage_url: str, *, heartbeat: int = 10, max_retry: i
     """
     import optuna
 
+    check_storage_url(storage_url)
+    if not is_rdb_url(storage_url) and not journal_path(storage_url).is_file():
+        # Opening it would create an empty journal (and its folders) for a mistyped path.
+        raise UserError(f"no study {name!r}: {journal_path(storage_url)} does not exist")
     storage = open_storage(storage_url, heartbeat=heartbeat, max_retry=max_retry)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
