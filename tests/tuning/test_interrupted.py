@@ -94,3 +94,27 @@ def test_workers_all_stopped_by_a_signal_stop_the_study_like_ctrl_c():
     # Not "all 2 workers failed": they were stopped, and their trials were queued again.
     with pytest.raises(KeyboardInterrupt):
         wait_workers(procs)
+
+
+def test_ctrl_c_in_tune_best_train_best_is_one_line(tiny_data, tmp_path, vt, monkeypatch):
+    marker = tmp_path / "interrupted"
+    marker.write_text("not yet")  # the study's trial runs to the end
+    monkeypatch.setenv("VT_INTERRUPT_MARKER", str(marker))
+    monkeypatch.setenv(
+        "PYTHONPATH",
+        os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p),
+    )
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: continuous, min: 0.001, max: 0.1, scaling: log}\n")
+    study = vt(
+        "tune", "--data", str(tiny_data), "--space", str(space), "--study", "b",
+        "--max-trials", "1", "--epochs", "1", "--set", "max_steps_per_epoch=2", *TINY,
+        "--set", "callbacks=[interrupt_callback:CtrlCOnce]", cwd=tmp_path,
+    )  # fmt: skip
+    assert study.returncode == 0, study.stderr
+    marker.unlink()  # the final training sends itself SIGINT after its first step
+    out = vt("tune", "best", "b", "--train-best", cwd=tmp_path)
+    assert out.returncode == 128 + signal.SIGINT and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "stopped; the final model is not trained: run the same command again to train it"
+    )

@@ -429,7 +429,16 @@ def best(
         train_best_script(s, sdir / "best")
         summary["best_run"] = str(sdir / "best")
     elif train_best:
-        summary["best_run"] = str(run_train_best(s, sdir / "best"))
+        from visiontune.train import TrainingInterrupted
+
+        try:
+            summary["best_run"] = str(run_train_best(s, sdir / "best"))
+        except TrainingInterrupted as e:  # Ctrl-C: one line, as tune itself says it
+            typer.echo(
+                "stopped; the final model is not trained: run the same command again to train it",
+                err=True,
+            )
+            raise typer.Exit(128 + e.signum) from None
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
         return
