@@ -42,6 +42,39 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+# What every HTML page visiontune writes (run report, tuning report, debug plots) starts with.
+PAGE_MARKER = b"<title>visiontune "
+
+
+def check_page_output(path: str | os.PathLike) -> None:
+    """Refuse to write a generated HTML page over anything but an earlier such page.
+
+    Writing the page again (the same command re-run) replaces it; a directory, or a file the
+    page did not come from (``-o config.yaml``, ``-o notes.html``), is the user's and is left
+    alone.
+
+    Raises:
+        UserError: ``path`` is a directory, or an existing file that is not a visiontune page.
+    """
+    from visiontune.errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give the path of the .html file to write")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+    if PAGE_MARKER not in head:
+        raise UserError(
+            f"{path} exists and is not a page visiontune wrote; it is left unchanged: "
+            "remove it or choose another output path"
+        )
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
@@ -65,18 +98,19 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSON-lines file, ignoring a torn last line left by a crash."""
+    """Read a JSON-lines file, ignoring a torn last line left by a crash (or any line that is
+    not JSON text: a crash can leave garbage bytes, which must not cost the other lines)."""
     out = []
     p = Path(path)
     if not p.exists():
         return out
-    for line in p.read_text().splitlines():
+    for line in p.read_bytes().splitlines():
         line = line.strip()
         if not line:
             continue
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
             continue
     return out
 

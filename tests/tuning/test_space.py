@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError
+from visiontune.tuning.baseline import baseline_params
 from visiontune.tuning.space import load_space, parse_space
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dogbreed-tuning.yaml"
@@ -58,6 +60,11 @@ def test_dash_and_underscore_keys_and_log_scaling():
         ({"lr": {"type": "continuous", "min": float("nan"), "max": 0.1}}, "finite"),
         ({"epochs": {"type": "integer", "min": 1, "max": float("inf")}}, "finite"),
         ({"dropout": {"type": "categorical", "values": [0.1, float("nan")]}}, "finite"),
+        # Accepted and drawn linearly before: refused, as script mode refuses it.
+        (
+            {"epochs": {"type": "integer", "min": 1, "max": 100, "scaling": "log"}},
+            "epochs is an integer range: log scaling is not supported; use linear",
+        ),
     ],
 )
 def test_bad_spaces_fail_in_one_line(spec, message):
@@ -110,3 +117,19 @@ def test_unbounded_ranges_are_one_line_from_the_command(tiny_data, tmp_path, vt_
         f"must be a finite number, got {'nan' if 'nan' in line else 'inf'}"
     ]
     assert not (tmp_path / "studies").exists()  # nothing was created
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-5 (no dot) as text: the range was refused as "not a number", and
+    # categorical values became strings the default lr could never equal.
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "weight_decay: {type: continuous, min: 1e-6, max: 1E-2, scaling: log}\n"
+        "lr: {type: categorical, values: [1e-4, 1e-3, 1e-2]}\n"
+    )
+    space = load_space(path)
+    assert space.to_dict()["weight_decay"]["min"] == 1e-6
+    assert space.to_dict()["lr"]["values"] == [1e-4, 1e-3, 1e-2]
+    fixed = build_config(TrainConfig, None, {"data": "x", "lr": 0.001, "weight_decay": 1e-4})
+    params, why = baseline_params(fixed, space)
+    assert params == {"weight_decay": 1e-4, "lr": 0.001}, why

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,9 @@ def test_cli_tune_status_best_report(tiny_data, tmp_path, vt):
     # A changed fixed option is a different study: refuse instead of mixing results.
     changed = vt(*[a if a != "4" else "8" for a in args], cwd=tmp_path)
     assert changed.returncode == 2
-    assert changed.stderr.strip().startswith("error: study 's1' already exists")
+    assert changed.stderr.strip().startswith(
+        "error: study 's1' already exists with a different fixed: batch_size (4 then, 8 now); "
+    )  # which option of dozens changed
 
     # A new study where trial runs it does not own are (here: its storage was removed) would
     # fail its trial 0, the untuned default, on trials/0000: refused before any trial instead.
@@ -240,6 +243,42 @@ def test_warm_start_seeds_the_sampler_without_using_the_budget(tiny_data):
     assert second.counts == {"WARM_START": 2, "COMPLETE": 1}
     # the best of the new study is a trial it ran (it has a model), not a seed
     assert Path(second.best["model_dir"]).is_dir()
+
+
+def test_warm_start_seeds_a_continued_study_once(tiny_data):
+    space = {"lr": {"type": "continuous", "min": 0.005, "max": 0.05, "scaling": "log"}}
+    kw = {"fixed": {"epochs": 1, "batch_size": 4}, "baseline": False}
+    first = run(tiny_data, space, study="first", max_trials=2, **kw)
+    # A mistyped source is refused before the study exists: the corrected command must not
+    # find a study already created, which it would continue without ever seeding it.
+    with pytest.raises(UserError, match="--warm-start nosuch: no such study"):
+        run(tiny_data, space, study="second", max_trials=1, warm_start=["nosuch"], **kw)
+    assert not Path("studies/second/trials").exists()
+    with pytest.raises(UserError, match="no study 'second'"):
+        trials_of(replace(first, study="second", storage=str(Path("studies/second/journal.log"))))
+
+    started = run(tiny_data, space, study="second", max_trials=1, **kw)
+    assert started.counts == {"COMPLETE": 1}
+    # --warm-start on the continued study (it was silently ignored): seeded, and only once.
+    for _ in range(2):
+        second = run(
+            tiny_data, space, study="second", max_trials=1, warm_start=[str(first.study_dir)], **kw
+        )
+        assert second.counts == {"WARM_START": 2, "COMPLETE": 1}
+    with pytest.raises(UserError, match="--warm-start second: that is this study itself"):
+        run(tiny_data, space, study="second", max_trials=1, warm_start=["second"], **kw)
+
+
+def test_a_continued_study_takes_the_new_max_retry(tiny_data):
+    from visiontune.tuning.storage import load_study, study_config
+
+    space = {"lr": {"type": "continuous", "min": 0.005, "max": 0.05, "scaling": "log"}}
+    kw = {"fixed": {"epochs": 1, "batch_size": 4}, "max_trials": 1}
+    run(tiny_data, space, study="r", max_retry=2, **kw)
+    again = run(tiny_data, space, study="r", max_retry=5, **kw)
+    # Workers read the retries of a dead worker's trial from the study: the new value was
+    # accepted and ignored.
+    assert study_config(load_study("r", again.storage))["max_retry"] == 5
 
 
 def test_train_best_trains_the_final_model_with_the_best_params(tiny_data):

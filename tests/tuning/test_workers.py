@@ -107,3 +107,21 @@ def test_sigkill_loses_no_completed_trial(tiny_data, tmp_path, study_of, vt_env)
     retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == killed[0]]
     assert len(retries) == 1 and retries[0].params == before[killed[0]].params
     assert retries[0].state.name == "COMPLETE"
+
+
+def test_parallel_workers_each_get_a_gpu_of_their_own(monkeypatch):
+    from visiontune.config import TrainConfig, build_config
+    from visiontune.tuning import distributed
+    from visiontune.tuning.study import _worker_gpus
+    from visiontune.tuning.workers import worker_envs
+
+    # Every --parallel worker trained on the first GPU, whatever the machine had.
+    monkeypatch.setattr(distributed, "uses_cuda", lambda device: True)
+    monkeypatch.setattr(distributed, "visible_gpus", lambda: ["0", "1"])
+    fixed = build_config(TrainConfig, None, {"data": "x", "device": "auto"})
+    gpus = _worker_gpus(fixed, trial_nproc=1)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_envs(3, 1, gpus)] == ["0", "1", "0"]
+    # A trial of several processes takes its GPUs by worker index (tuning.distributed).
+    assert _worker_gpus(fixed, trial_nproc=2) is None
+    cpu = build_config(TrainConfig, None, {"data": "x", "device": "cpu"})
+    assert _worker_gpus(cpu, trial_nproc=1) is None

@@ -223,7 +223,10 @@ def _with_switches(cfg, options: dict[str, Any]):
             parse_step_window(profile_steps)
         except ValueError as e:
             raise UserError(str(e)) from None
-        cfg.profiler.profile_steps = profile_steps  # the rest of the profiler section is kept
+        # The flag turns the profiler on, as --debug does the debugger; the rest of the
+        # profiler section is kept.
+        update = {"enabled": True, "profile_steps": profile_steps}
+        cfg.profiler = cfg.profiler.model_copy(update=update)
     from visiontune.tracking.config import with_tracking_flags
 
     o = options

@@ -260,17 +260,20 @@ def _tune_settings(options: dict[str, Any]):
 
 def _run_study(settings, fixed, ranges):
     """Run the study; Ctrl-C (or SIGTERM) stops it with a line saying how to continue."""
+    import signal
+
     from visiontune.train import TrainingInterrupted
     from visiontune.tuning.study import tune as run_tune
 
     try:
         return run_tune(settings, fixed, ranges)
-    except TrainingInterrupted as e:
-        # The interrupted trial is marked failed; finished ones are in the study already.
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        # The interrupted trial is failed and queued again (tuning.workers.requeue); finished
+        # ones are in the study already. KeyboardInterrupt: --parallel workers were stopped.
         typer.echo(
             "stopped; completed trials are kept, re-run the same command to continue", err=True
         )
-        raise typer.Exit(128 + e.signum) from None
+        raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
 
 
 def _echo_result(result, json_out: bool) -> None:
@@ -334,15 +337,25 @@ def worker(
     from visiontune.tuning.workers import run_worker
 
     url, sdir = _storage_for(study, storage, study_dir)
-    n = run_worker(
-        study,
-        url,
-        sdir,
-        heartbeat=heartbeat,
-        timeout=timeout,
-        worker=worker_index,
-        trial_nproc=trial_nproc,
-    )
+    try:
+        n = run_worker(
+            study,
+            url,
+            sdir,
+            heartbeat=heartbeat,
+            timeout=timeout,
+            worker=worker_index,
+            trial_nproc=trial_nproc,
+        )
+    except Exception as e:  # Ctrl-C or SIGTERM in a trial: one line, as tune says it
+        import signal
+
+        from visiontune.tuning.workers import is_interrupt
+
+        if not is_interrupt(e):
+            raise
+        typer.echo("worker stopped; its trial is queued again for the next run", err=True)
+        raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
     typer.echo(f"worker done: ran {n} trial(s) of study {study}")
 
 
@@ -416,7 +429,16 @@ def best(
         train_best_script(s, sdir / "best")
         summary["best_run"] = str(sdir / "best")
     elif train_best:
-        summary["best_run"] = str(run_train_best(s, sdir / "best"))
+        from visiontune.train import TrainingInterrupted
+
+        try:
+            summary["best_run"] = str(run_train_best(s, sdir / "best"))
+        except TrainingInterrupted as e:  # Ctrl-C: one line, as tune itself says it
+            typer.echo(
+                "stopped; the final model is not trained: run the same command again to train it",
+                err=True,
+            )
+            raise typer.Exit(128 + e.signum) from None
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
         return

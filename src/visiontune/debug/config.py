@@ -111,6 +111,33 @@ class DebuggerConfig(BaseModel):
             return [{"name": r.strip()} if isinstance(r, str) else r for r in v]
         return v
 
+    @field_validator("rules")
+    @classmethod
+    def _rules_build(cls, v: list[RuleSpec] | None) -> list[RuleSpec] | None:
+        # Built once here, so an unknown parameter or a value of the wrong kind fails with the
+        # config, before training; beside training a rule that fails only warns.
+        from visiontune.debug.rules import make_rule
+        from visiontune.errors import UserError
+
+        for spec in v or []:
+            try:
+                make_rule(spec.name, spec.parameters, spec.action)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("activations_regex", "tensor_regex", "save_raw")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression ({e}): {v!r}") from None
+        return v
+
     def mode_config(self, mode: str) -> SaveConfigMode:
         """The effective save config of ``mode`` ("TRAIN" or "EVAL")."""
         base = SaveConfigMode(

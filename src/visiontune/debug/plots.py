@@ -11,6 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+# The reductions a curve can plot (every saved row has them; see Tensor.reduction_value).
+REDUCTIONS = ("min", "max", "mean", "std", "variance", "l1", "l2", "zero_frac", "nan", "inf")
+
 
 def figures(
     run_dir: str | Path,
@@ -28,12 +31,18 @@ def figures(
 
     Returns:
         ``[]`` when the run has no debugger data.
+
+    Raises:
+        UserError: an unknown reduction (each tensor's curve was skipped, so the page came
+            without the plot it was asked for), or a bad regex.
     """
     import plotly.graph_objects as go
 
     from visiontune.debug.trial import TensorUnavailable, Trial
     from visiontune.errors import UserError
 
+    if reduction.lower() not in REDUCTIONS:
+        raise UserError(f"unknown reduction {reduction!r} (one of: {', '.join(REDUCTIONS)})")
     try:
         trial = Trial(run_dir, endpoint_url)
     except UserError:
@@ -101,8 +110,9 @@ def write_html(
     import plotly.io as pio
 
     from visiontune.errors import UserError
-    from visiontune.io import atomic_write_text
+    from visiontune.io import atomic_write_text, check_page_output
 
+    check_page_output(out)
     figs = figures(run_dir, regex, reduction, endpoint_url)
     if not figs:
         raise UserError(f"nothing to plot in {run_dir}: no debugger data")

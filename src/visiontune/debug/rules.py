@@ -42,7 +42,8 @@ class BuiltinRule:
         if unknown:
             known = ", ".join(self.defaults) or "none"
             raise UserError(f"{self.name} has no parameter {unknown[0]!r} (parameters: {known})")
-        self.p = {**self.defaults, **parameters}
+        typed = {k: _param_value(self.name, k, v, self.defaults[k]) for k, v in parameters.items()}
+        self.p = {**self.defaults, **typed}
         self.action = action
         self.violations = 0
         self.datapoints = 0
@@ -129,6 +130,54 @@ class BuiltinRule:
         if regex:
             return False
         return default_collections is None or row["collection"] in default_collections
+
+
+def _param_value(rule: str, key: str, value: Any, default: Any) -> Any:
+    """A rule parameter as its rule uses it (the type of its default), checked when the rule
+    is built: ``num_steps: abc`` or a bad regex otherwise failed inside the first update, which
+    beside training only warns, so the rule silently judged nothing.
+
+    SageMaker passes rule parameters as strings, so ``"10"`` and ``"true"`` are read as the
+    number and the flag they spell.
+
+    Raises:
+        UserError: a value of the wrong kind, or a regex that does not compile.
+    """
+    what = f"{rule}.{key}"
+    if key.endswith("regex"):
+        if value is None and default is None:
+            return None
+        if not isinstance(value, str):
+            raise UserError(f"{what} must be a regular expression (text), got {value!r}")
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise UserError(f"{what} is not a valid regular expression ({e}): {value!r}") from None
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise UserError(f"{what} must be true or false, got {value!r}")
+        return value
+    numeric = isinstance(default, int | float) or key.endswith("threshold")
+    if numeric and not (default is None and value is None):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise UserError(f"{what} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise UserError(f"{what} must be a finite number, got {value!r}")
+        if isinstance(default, int) and float(number).is_integer():
+            return int(number)  # counts (steps, patience) stay whole numbers
+        return number
+    if isinstance(default, str) and not isinstance(value, str):
+        raise UserError(f"{what} must be text, got {value!r}")
+    return value
 
 
 def _f(x: Any) -> float:

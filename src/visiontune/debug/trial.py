@@ -169,25 +169,27 @@ class Trial:
     """
 
     def __init__(self, path: str | Path, endpoint_url: str | None = None):
-        from visiontune.uri import is_remote, open_fs
+        from visiontune.uri import is_remote, open_fs, storage_errors
 
         self.path = str(path).rstrip("/")
         self.endpoint_url = endpoint_url
-        if is_remote(self.path):
-            self._fs, root = open_fs(self.path, endpoint_url)
-        else:
-            import fsspec
+        # Missing credentials, an unreachable endpoint: one line, not a botocore traceback.
+        with storage_errors(self.path, endpoint_url):
+            if is_remote(self.path):
+                self._fs, root = open_fs(self.path, endpoint_url)
+            else:
+                import fsspec
 
-            self._fs, root = fsspec.filesystem("file"), str(Path(self.path).resolve())
-        self._debug = (
-            root
-            if root.rstrip("/").endswith("/" + store.DEBUG_DIR)
-            else (f"{root.rstrip('/')}/{store.DEBUG_DIR}")
-        )
-        self._seen: dict[str, Any] = {}
-        self._rows: list[dict[str, Any]] = []
-        self.meta: dict[str, Any] = {}
-        self.refresh()
+                self._fs, root = fsspec.filesystem("file"), str(Path(self.path).resolve())
+            self._debug = (
+                root
+                if root.rstrip("/").endswith("/" + store.DEBUG_DIR)
+                else (f"{root.rstrip('/')}/{store.DEBUG_DIR}")
+            )
+            self._seen: dict[str, Any] = {}
+            self._rows: list[dict[str, Any]] = []
+            self.meta: dict[str, Any] = {}
+            self.refresh()
         if not self.meta and not self._rows:
             raise UserError(
                 f"no debugger data in {self.path} (train with --debug, or a debugger: section)"
@@ -200,11 +202,14 @@ class Trial:
         from visiontune.io import read_parquet
 
         fs = self._fs
+        meta = f"{self._debug}/{store.META}"
         try:
-            with fs.open(f"{self._debug}/{store.META}", "rb") as f:
+            with fs.open(meta, "rb") as f:
                 self.meta = json.loads(f.read())
         except (FileNotFoundError, OSError):
             self.meta = {}
+        except ValueError:  # written atomically, so a copy cut short (rsync, a download)
+            raise UserError(f"{meta} is not valid JSON (a copy cut short?)") from None
         try:
             files = sorted(fs.glob(f"{self._debug}/{store.TENSORS_DIR}/part-*.parquet"))
         except (FileNotFoundError, OSError):
@@ -222,8 +227,12 @@ class Trial:
         for f in sorted(sizes):
             if f in self._seen:
                 continue
-            with fs.open(f, "rb") as fh:
-                self._rows += read_parquet(fh, store.schema()).to_pylist()
+            try:
+                with fs.open(f, "rb") as fh:
+                    self._rows += read_parquet(fh, store.schema()).to_pylist()
+            except ValueError as e:  # pyarrow's ArrowInvalid: parts are written atomically
+                first = str(e).strip().splitlines()[0]
+                raise UserError(f"cannot read {f} (a copy cut short?): {first}") from None
             self._seen[f] = sizes[f]
         self._index()
 
@@ -257,7 +266,10 @@ class Trial:
     ) -> list[str]:
         """Names of captured tensors, filtered by regex (search), mode and collection."""
         m = _mode(mode)
-        pat = re.compile(regex) if regex else None
+        try:
+            pat = re.compile(regex) if regex else None
+        except re.error as e:
+            raise UserError(f"not a valid regular expression ({e}): {regex!r}") from None
         out = []
         for name, rows in self._by_name.items():
             if pat and not pat.search(name):

@@ -55,6 +55,7 @@ class ProfilerCallback(Callback):
         self._last_flush = 0.0
         self._torch_prof: Any = None
         self._window = config.step_window
+        self._window_checked = False
         self._step = 0
         self._epoch = 0  # 0: before the first epoch (the feature cache)
 
@@ -182,6 +183,27 @@ class ProfilerCallback(Callback):
             steps_per_epoch=state.steps_per_epoch,
             device=str(state.device) if state.device is not None else self.meta.get("device"),
         )
+        self._check_window(state)
+
+    def _check_window(self, state: TrainState) -> None:
+        """Say once, when the run's length is first known, that ``profile_steps`` lies where
+        no step will run (past the last step, or before where a resumed run starts): the
+        window was otherwise skipped without a word, and the run ended without its trace."""
+        if self._window is None or self._window_checked or self.dir is None:
+            return
+        self._window_checked = True
+        first, last = self._window
+        window = f"profile_steps {first}-{last}"
+        end = state.steps_per_epoch * int(getattr(state.config, "epochs", 0) or 0)
+        if end and first > end:
+            said = f"{window} starts after the run's last step ({end}): nothing is traced"
+        elif state.step >= first:
+            said = f"{window}: the run resumed after step {state.step}, so nothing is traced"
+        else:
+            return
+        print(f"warning: {said}", file=sys.stderr, flush=True)
+        self.meta["profile_steps_note"] = said
+        self._write_meta()
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._flush_steps()

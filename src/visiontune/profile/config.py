@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def parse_step_window(value: str) -> tuple[int, int]:
@@ -43,6 +43,17 @@ class ProfilerConfig(BaseModel):
         if v is not None:
             parse_step_window(v)
         return v
+
+    @model_validator(mode="after")
+    def _window_needs_the_profiler(self) -> ProfilerConfig:
+        # With the profiler off nothing records the window: the run trained without the trace
+        # it was asked for, and said nothing.
+        if self.profile_steps and not self.enabled:
+            raise ValueError(
+                f"profile_steps {self.profile_steps} needs the profiler, which enabled: false "
+                "turns off"
+            )
+        return self
 
     @property
     def step_window(self) -> tuple[int, int] | None:

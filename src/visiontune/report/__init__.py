@@ -13,6 +13,10 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
     """Write ``RUN/report.html`` (or ``output``) from what the run wrote so far; return its path.
 
     Never raises for a missing or half-written part: a section without data says so instead.
+
+    Raises:
+        UserError: ``output`` is a directory, or a file that is not an earlier visiontune page
+            (see :func:`visiontune.io.check_page_output`).
     """
     from visiontune.report.build import write_report as _write
 

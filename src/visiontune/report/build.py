@@ -32,7 +32,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -695,8 +695,9 @@ def render(run_dir: Path) -> str:
 
 def write_report(run_dir: Path, output: Path | None = None) -> Path:
     """Render and atomically write the report; see :func:`visiontune.report.write_report`."""
-    from visiontune.io import atomic_write_text
+    from visiontune.io import atomic_write_text, check_page_output
 
     out = Path(output) if output is not None else run_dir / "report.html"
+    check_page_output(out)
     atomic_write_text(out, render(run_dir))
     return out

@@ -128,6 +128,9 @@ def create_script_study(
     study_dir = settings.resolved_study_dir()
     storage_url = settings.storage or default_storage(study_dir)
     storage = open_storage(storage_url, heartbeat=settings.heartbeat, max_retry=settings.max_retry)
+    from visiontune.tuning.study import _warm_start, _warm_start_sources  # the built-in job's
+
+    warm_sources = _warm_start_sources(settings, storage_url)  # before the study exists
     payload = {
         "format": FORMAT,
         "kind": "script",
@@ -158,10 +161,6 @@ def create_script_study(
     existing = study.user_attrs.get(ATTR)
     if existing is None:
         study.set_user_attr(ATTR, payload)
-        if settings.warm_start:
-            from visiontune.tuning.study import _warm_start  # the built-in job's, as it is
-
-            _warm_start(study, settings, space, storage_url)
     else:
         for key in ("kind", "script", "fixed", "space", "objective", "direction", "strategy"):
             if existing.get(key) != payload[key]:
@@ -169,9 +168,10 @@ def create_script_study(
                     f"study {settings.study!r} already exists with a different {key}; continue "
                     "it with the same options, or start a new one with --study NAME"
                 )
-        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
+        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints", "max_retry")}
         if any(existing.get(k) != v for k, v in changed.items()):
             study.set_user_attr(ATTR, {**existing, **changed})
+    _warm_start(study, warm_sources, space)  # a continued study too, each seed once
     return storage_url, study_dir
 
 

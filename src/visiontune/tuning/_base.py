@@ -62,7 +62,20 @@ STUDIES_ROOT = Path("studies")
 
 
 def default_study_dir(study: str) -> Path:
-    """The directory of study ``study`` when no ``--study-dir`` is given."""
+    """The directory of study ``study`` when no ``--study-dir`` is given.
+
+    Raises:
+        UserError: a name that is not one directory name: ``""`` made ``studies/`` itself the
+            study's directory, and ``../x`` or ``a/b`` put it outside ``studies/`` or inside
+            another study's.
+    """
+    from visiontune.errors import UserError
+
+    if study.strip() in ("", ".", "..") or "/" in study or "\\" in study:
+        raise UserError(
+            f"study name {study!r} cannot name its directory under {STUDIES_ROOT}/: use letters, "
+            "digits, - or _, or give --study-dir DIR"
+        )
     return STUDIES_ROOT / study
 
 

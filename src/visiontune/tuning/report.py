@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from visiontune.io import atomic_write_text
+from visiontune.io import atomic_write_text, check_page_output
 from visiontune.tuning.storage import study_config
 from visiontune.tuning.trials import (
     best_summary,
@@ -123,7 +123,12 @@ Space: {space_txt}<br>{cv_html}Generated {dt.datetime.now().isoformat(timespec="
 
 
 def write_report(study, path: str | Path) -> Path:
-    """Write the report atomically and return its path."""
+    """Write the report atomically and return its path.
+
+    Raises:
+        UserError: ``path`` is a directory, or a file that is not an earlier visiontune page.
+    """
     path = Path(path)
+    check_page_output(path)
     atomic_write_text(path, render_report(study))
     return path

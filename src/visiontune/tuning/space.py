@@ -18,6 +18,7 @@ import difflib
 import itertools
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -210,10 +211,25 @@ def _field_name(key: Any) -> str:
     return name
 
 
+# A number in exponent form without a dot, which YAML 1.1 (PyYAML) reads as text: 1e-4, 5E3.
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_number(value: Any) -> Any:
+    """``"1e-4"`` as the number it spells (as ``--set lr=1e-4`` reads it); anything else as is.
+
+    ``lr: {min: 1e-5, ...}`` was refused as text, and ``values: [1e-4, 1e-3]`` became strings,
+    so the default ``lr`` 0.001 lay outside the space and the study lost its untuned default.
+    """
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def _number(name: str, spec: dict[str, Any], key: str, integer: bool) -> float | int:
     if key not in spec:
         raise UserError(f"space: {name} needs {key}")
-    value = spec[key]
+    value = _yaml_number(spec[key])
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"space: {name}.{key} must be a number, got {value!r}")
     if not math.isfinite(value):
@@ -254,6 +270,7 @@ def parse_param(key: Any, spec: Any) -> Param:
         values = spec.get("values")
         if not isinstance(values, list) or not values:
             raise UserError(f"space: {key}.values must be a non-empty list")
+        values = [_yaml_number(v) for v in values]
         if len({repr(v) for v in values}) != len(values):
             raise UserError(f"space: {key}.values has duplicates")
         bad = [v for v in values if not isinstance(v, str | int | float | bool) and v is not None]
@@ -272,6 +289,12 @@ def parse_param(key: Any, spec: Any) -> Param:
     if scaling not in ("linear", "log"):
         raise UserError(f"space: {key}.scaling must be linear or log, got {scaling!r}")
     log = scaling == "log"
+    if log and integer:
+        # Not drawn log-uniformly, so refused rather than ignored (as script mode refuses a
+        # Logarithmic IntegerParameter).
+        raise UserError(
+            f"space: {key} is an integer range: log scaling is not supported; use linear"
+        )
     if log and low <= 0:
         raise UserError(f"space: {key} uses log scaling, so min must be > 0 (got {low})")
     return Param(name, kind, low=low, high=high, log=log)  # type: ignore[arg-type]
@@ -304,7 +327,11 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise UserError(f"space file not found: {path}")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:  # an image or archive given as --space
+        raise UserError(f"space file {path} is not a YAML text file (not UTF-8)") from e
+    except OSError as e:
+        raise UserError(f"cannot read space file {path}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
         raise UserError(f"space file {path} is not valid YAML: {e}".splitlines()[0]) from e
     return parse_space(spec)

@@ -75,9 +75,31 @@ def _journal_storage_class():
     return HeartbeatJournalStorage
 
 
+RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
+# Schemes of a journal file path: file:///path, journal:///path.
+FILE_SCHEMES = ("file", "journal")
+
+
 def is_rdb_url(url: str) -> bool:
     """Whether ``url`` names a database (SQLAlchemy URL) rather than a journal file."""
-    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "sqlite")
+    return url.split(":", 1)[0].split("+", 1)[0] in RDB_SCHEMES
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a URL of a scheme no storage has (``redis://``, ``postgressql://``, ``s3://``)
+    instead of taking it for a journal file path: that ran the study in a local file under
+    ``./redis:/``, where no other machine's worker would ever see it.
+
+    Raises:
+        UserError: ``url`` has a ``scheme://`` that is neither a database nor a file.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.split("+", 1)[0] in (*RDB_SCHEMES, *FILE_SCHEMES):
+        return
+    raise UserError(
+        f"storage {redact(url)}: unknown scheme {scheme}://; give postgresql://..., "
+        "mysql://..., sqlite:///FILE or a journal file path"
+    )
 
 
 def default_storage(study_dir: Path) -> str:
@@ -94,6 +116,7 @@ def open_storage(url: str, *, heartbeat: int = 10, max_retry: int = 2):
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    check_storage_url(url)
     with quiet_optuna():
         retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         if is_rdb_url(url):
@@ -115,15 +138,53 @@ def open_storage(url: str, *, heartbeat: int = 10, max_retry: int = 2):
             except Exception as e:  # sqlalchemy errors, a missing driver: all the user's to fix
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"cannot open storage {shown}: {first}") from e
-        path = Path(url.removeprefix("journal:").removeprefix("file://"))
-        if path.is_dir():
-            path = path / "journal.log"
+        path = journal_path(url)
+        _check_journal_file(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             backend = optuna.storages.journal.JournalFileBackend(str(path))
         except OSError as e:
             raise UserError(f"cannot open storage {path}: {e.strerror or e}") from e
         return _journal_storage_class()(backend, path, heartbeat, 3 * heartbeat, retry)
+
+
+def journal_path(url: str) -> Path:
+    """The journal file a storage that is no database URL names (a folder: its journal.log)."""
+    path = Path(url.removeprefix("journal:").removeprefix("file://"))
+    return path / "journal.log" if path.is_dir() else path
+
+
+def _check_journal_file(path: Path) -> None:
+    """Refuse an existing file that is not an Optuna journal before the backend opens it: it
+    appends its first entry to whatever file it is given (``--storage notes.txt``, a mistyped
+    path) and only then fails to read it, leaving the user's file with a line of JSON at its
+    end.
+
+    Raises:
+        UserError: ``path`` holds something other than journal entries.
+    """
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+    except FileNotFoundError:
+        return  # a new study's journal
+    except OSError as e:
+        raise UserError(f"cannot open storage {path}: {e.strerror or e}") from e
+    if not first.strip():
+        return  # an empty file (nothing written yet), which the backend starts on
+    if not first.endswith(b"\n") and first.startswith(b'{"op_code":'):
+        return  # a first entry cut short by a kill, which the backend skips
+    try:
+        entry = json.loads(first)
+    except ValueError:  # not UTF-8, or not JSON
+        entry = None
+    if not isinstance(entry, dict) or "op_code" not in entry:
+        raise UserError(
+            f"cannot open storage {path}: it is not an Optuna journal (left unchanged); give a "
+            "study's journal.log, a path that does not exist yet, or a postgresql:// URL"
+        )
 
 
 def _with_installed_driver(url: str) -> str:
@@ -154,6 +215,10 @@ def load_study(name: str, storage_url: str, *, heartbeat: int = 10, max_retry: i
     """
     import optuna
 
+    check_storage_url(storage_url)
+    if not is_rdb_url(storage_url) and not journal_path(storage_url).is_file():
+        # Opening it would create an empty journal (and its folders) for a mistyped path.
+        raise UserError(f"no study {name!r}: {journal_path(storage_url)} does not exist")
     storage = open_storage(storage_url, heartbeat=heartbeat, max_retry=max_retry)
     try:
         study = optuna.load_study(study_name=name, storage=storage)

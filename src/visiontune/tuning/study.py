@@ -143,8 +143,11 @@ def check_objective(objective: str) -> None:
         raise UserError(f"unknown objective {objective!r} ({hint})")
 
 
-def check_batch_sizes(fixed, space: SearchSpace) -> None:
+def check_batch_sizes(fixed, space: SearchSpace):
     """Fail before any trial when a batch size exceeds the training split.
+
+    Returns:
+        The dataset's index (what the check discovered), for :func:`data_key`.
 
     Raises:
         UserError: the largest batch size in play is larger than the training split.
@@ -172,6 +175,28 @@ def check_batch_sizes(fixed, space: SearchSpace) -> None:
             f"batch size {max(too_big)} is larger than the training split of {fixed.data} "
             f"({n_train} images); lower it in the space or the fixed options"
         )
+    return index
+
+
+def data_key(index) -> dict[str, Any]:
+    """What a continued study must find again in its data: the number of images, and a key of
+    every image's split, path (under the dataset's root), label and size.
+
+    Modification times are left out, so a copy of the same files (``cp``, ``rsync`` without
+    ``-t``) is the same data.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    root = index.root.rstrip("/")
+    images = 0
+    for name in sorted(index.splits):
+        for path, label in sorted(index.splits[name]):
+            rel = path[len(root) :] if path.startswith(root) else path
+            size = index.file_info.get(path, (-1, ""))[0]
+            h.update(f"{name}\0{rel}\0{label}\0{size}\n".encode())
+            images += 1
+    return {"key": h.hexdigest()[:32], "images": images}
 
 
 def create_study(settings: TuneSettings, fixed, space: SearchSpace):
@@ -205,7 +230,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     space.validate(fixed_values)
     if settings.strategy == "grid":
         space.grid()
-    check_batch_sizes(fixed, space)
+    data = data_key(check_batch_sizes(fixed, space))
     if settings.trial_nproc != 1:
         check_distributed_trials(
             {"fixed": fixed_values}, space, settings.parallel, settings.trial_nproc
@@ -214,6 +239,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     study_dir = settings.resolved_study_dir()
     storage_url = settings.storage or default_storage(study_dir)
     storage = open_storage(storage_url, heartbeat=settings.heartbeat, max_retry=settings.max_retry)
+    warm_sources = _warm_start_sources(settings, storage_url)
     direction = direction_for(settings.objective, settings.direction)
     payload = {
         "format": FORMAT,
@@ -231,6 +257,7 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
         "cv_note": cv.line,
         "valid_images": cv.valid_images,  # the noise of a plain accuracy (tuning.baseline)
         "baseline": untuned_default(given, space, *size),  # trial 0, if in the space
+        "data": data,  # a continued study trains on the same images (data_key)
     }
     with quiet_optuna():
         try:
@@ -249,22 +276,55 @@ def create_study(settings: TuneSettings, fixed, space: SearchSpace):
     existing = study.user_attrs.get(ATTR)
     if existing is None:
         study.set_user_attr(ATTR, payload)
-        _warm_start(study, settings, space, storage_url)
     else:
         for key in ("fixed", "space", "objective", "direction", "strategy", "early_stopping", "cv"):
             # A study from before cross-validation has no "cv": it validated plainly.
-            if existing.get(key, 0 if key == "cv" else None) != payload[key]:
+            before = existing.get(key, 0 if key == "cv" else None)
+            if before != payload[key]:
                 raise UserError(
-                    f"study {settings.study!r} already exists with a different {key}; "
-                    f"continue it with the same options, or start a new one with --study NAME"
+                    f"study {settings.study!r} already exists with a different {key}"
+                    f"{_what_differs(before, payload[key])}; continue it with the same "
+                    "options, or start a new one with --study NAME"
                 )
-        # The budget and what trials keep may change when a study is continued.
-        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints")}
+        _check_same_data(settings.study, fixed.data, existing.get("data"), data)
+        # The budget, what trials keep and the retries of a dead worker's trial may change when
+        # a study is continued.
+        changed = {k: payload[k] for k in ("max_trials", "keep_checkpoints", "max_retry")}
         if any(existing.get(k) != v for k, v in changed.items()):
             study.set_user_attr(ATTR, {**existing, **changed})
+    _warm_start(study, warm_sources, space)  # a continued study too: --warm-start is not lost
     for line in (*small_lines, cv.line):  # every check passed: the study starts with these
         print(line, file=sys.stderr)
     return study, storage_url, study_dir
+
+
+def _what_differs(before: Any, now: Any) -> str:
+    """Which options of a stored mapping (the fixed options, the space) differ, and how: the
+    user otherwise had to find one changed option among dozens."""
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return f" ({before!r} then, {now!r} now)"
+    keys = [k for k in sorted({*before, *now}) if before.get(k) != now.get(k)]
+    shown = ", ".join(f"{k} ({before.get(k)!r} then, {now.get(k)!r} now)" for k in keys[:3])
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return f": {shown}{more}"
+
+
+def _check_same_data(study: str, where: str, before: dict | None, now: dict) -> None:
+    """A continued study must train on the images its trials trained on: with images added,
+    removed or relabelled at the same path, new trials were ranked against old ones measured
+    on other validation images (and the untuned default's noise on other images), silently.
+
+    Raises:
+        UserError: the data changed since the study started (a study from before this check
+            stored no key, and is let through).
+    """
+    if before is None or before.get("key") == now["key"]:
+        return
+    raise UserError(
+        f"the data at {where} changed since study {study!r} started ({before.get('images')} "
+        f"images then, {now['images']} now): its trials would be compared on different images; "
+        "continue it with the data as it was, or start a new one with --study NAME"
+    )
 
 
 def _check_new_study_owns_its_trials(storage, name: str, study_dir: Path) -> None:
@@ -335,15 +395,16 @@ def _plan_cv(settings: TuneSettings, fixed):
     return plan
 
 
-def _warm_start(study, settings: TuneSettings, space: SearchSpace, storage_url: str) -> None:
-    """Seed the sampler with the finished trials of earlier studies (names in the same storage,
-    or study directories)."""
+def _warm_start_sources(settings: TuneSettings, storage_url: str) -> list[tuple[str, Any]]:
+    """The earlier studies ``--warm-start`` names, as ``(name, storage)``: found before the
+    study is created, so a mistyped source leaves nothing behind.
+
+    Raises:
+        UserError: a source that is neither a study in the storage nor a study directory.
+    """
     import optuna
 
-    if not settings.warm_start:
-        return
-    dists = space.distributions()
-    added = 0
+    sources = []
     for source in settings.warm_start:
         path = Path(source)
         if path.is_dir() and (path / "journal.log").is_file():
@@ -354,10 +415,32 @@ def _warm_start(study, settings: TuneSettings, space: SearchSpace, storage_url: 
                 raise UserError(f"--warm-start {source}: cannot tell which study to use ({names})")
         else:
             storage, name = open_storage(storage_url), source
-        try:
-            other = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
-            raise UserError(f"--warm-start {source}: no such study or study directory") from None
+            if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+                raise UserError(f"--warm-start {source}: no such study or study directory")
+        same_storage = path.is_dir() and default_storage(path) == storage_url
+        if name == settings.study and (same_storage or not path.is_dir()):
+            raise UserError(f"--warm-start {source}: that is this study itself")
+        sources.append((name, storage))
+    return sources
+
+
+def _warm_start(study, sources: list[tuple[str, Any]], space: SearchSpace) -> None:
+    """Seed the sampler with the finished trials of earlier studies (``sources``, from
+    :func:`_warm_start_sources`).
+
+    A continued study is seeded too, with the trials it does not hold yet: the seeds are
+    tagged with their origin, so naming the same source again adds nothing twice.
+    """
+    import optuna
+
+    if not sources:
+        return
+    dists = space.distributions()
+    held = {t.user_attrs[WARM_START] for t in study.get_trials(deepcopy=False)
+            if WARM_START in t.user_attrs}  # fmt: skip
+    added = 0
+    for name, storage in sources:
+        other = optuna.load_study(study_name=name, storage=storage)
         for t in other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if set(t.params) != set(dists) or WARM_START in t.user_attrs:
                 continue
@@ -365,14 +448,18 @@ def _warm_start(study, settings: TuneSettings, space: SearchSpace, storage_url: 
                 dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in t.params.items()
             ):
                 continue
+            tag = f"{name}#{t.number}"
+            if tag in held:
+                continue
             study.add_trial(
                 optuna.trial.create_trial(
                     params=dict(t.params),
                     distributions=dists,
                     value=t.value,
-                    user_attrs={WARM_START: f"{name}#{t.number}"},
+                    user_attrs={WARM_START: tag},
                 )
             )
+            held.add(tag)
             added += 1
     print(f"warm start: seeded the sampler with {added} earlier trial(s)", file=sys.stderr)
 
@@ -445,6 +532,7 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
             heartbeat=settings.heartbeat,
             timeout=left,
             trial_nproc=settings.trial_nproc,
+            gpus=_worker_gpus(fixed, settings.trial_nproc),
         )
         wait_workers(procs)
     study, result = study_result(settings, storage_url, study_dir)
@@ -457,6 +545,17 @@ def tune(settings: TuneSettings, fixed, space: SearchSpace) -> TuneResult:
     if settings.train_best:
         result.best_run = train_best(study, study_dir / "best")
     return result
+
+
+def _worker_gpus(fixed, trial_nproc: int) -> list[str] | None:
+    """The GPUs ``--parallel`` workers share out, one each (``None``: trials on the CPU, a
+    GPU the fixed options name, or trials of several processes, which take theirs by worker
+    index)."""
+    if trial_nproc != 1 or str(fixed.device) not in ("auto", "cuda"):
+        return None
+    from visiontune.tuning.distributed import uses_cuda, visible_gpus
+
+    return visible_gpus() if uses_cuda(str(fixed.device)) else None
 
 
 def run_local_worker(settings: TuneSettings, storage_url: str, study_dir: Path, **limit) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.tuning._base import (
+    BASELINE,
     EPOCHS_RUN,
     FAIL_REASON,
     TRIAL_NPROC,
@@ -98,7 +99,9 @@ def run_trial(study, trial, objective: Callable[[Any], float]) -> None:
     """Run the objective on a claimed trial with a heartbeat, and record how it ended.
 
     A :class:`TrialFailed` (out of memory, a diverged loss) fails the trial and the study goes
-    on; any other exception (a bug, an interrupt) fails it and is raised.
+    on; any other exception (a bug, an interrupt) fails it and is raised. An interrupted trial
+    (Ctrl-C, SIGTERM) is also queued again with the same parameters (:func:`requeue`), so the
+    continued study runs it.
     """
     import optuna
     from optuna.storages._heartbeat import get_heartbeat_thread
@@ -114,10 +117,56 @@ def run_trial(study, trial, objective: Callable[[Any], float]) -> None:
             state = TrialState.FAIL
         except BaseException as e:  # recorded as FAIL, then raised
             state, error = TrialState.FAIL, e
+    interrupted = error is not None and is_interrupt(error)
     with quiet_optuna():
+        if interrupted:
+            trial.set_user_attr(FAIL_REASON, "interrupted; queued again")
         study.tell(trial, None if state is not None else value, state=state)
+        if interrupted:
+            requeue(study, trial._trial_id)
     if error is not None:
         raise error
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, however the trial surfaced it (a training run stops at a step
+    boundary with ``TrainingInterrupted``; a script trial raises ``KeyboardInterrupt``)."""
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    from visiontune.train import TrainingInterrupted  # loaded already: the trial trained
+
+    return isinstance(error, TrainingInterrupted)
+
+
+def requeue(study, trial_id: int) -> None:
+    """Queue a stopped trial again (WAITING, same parameters), as a stale trial's retry is.
+
+    The user stopped the trial, not its configuration: without this the interrupted point
+    counts as tried, so a continued study never runs it (a finite space loses it for good,
+    and a study stopped in trial 0 loses its untuned default, which it then never weighs the
+    other trials against). The retry keeps the trial's ``baseline`` mark and says which trial
+    it replaces; it runs in a run directory of its own.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    failed = study._storage.get_trial(trial_id)
+    # "failed_trial" names the first trial of the chain, as Optuna's stale-trial retry does;
+    # "retry_history" is left alone: it counts heartbeat retries against --max-retry, and the
+    # user stopping a trial is no sign that it kills its worker.
+    first = failed.system_attrs.get("failed_trial", failed.number)
+    system_attrs = {**failed.system_attrs, "failed_trial": first}
+    system_attrs.pop("heartbeat", None)  # the retry's own start time is its first beat
+    user_attrs = {BASELINE: True} if failed.user_attrs.get(BASELINE) else {}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=failed.params,
+            distributions=failed.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
+        )
+    )
 
 
 def run_worker(
@@ -155,9 +204,20 @@ def run_worker(
 
     Returns:
         The number of trials this worker ran.
+
+    Raises:
+        UserError: a heartbeat under a second or a timeout that is not positive.
     """
     import optuna
 
+    from visiontune.errors import UserError
+
+    # A trial is stale after three heartbeats: at 0 (or less) a worker would find every
+    # other worker's running trial stale, fail it and queue it again.
+    if heartbeat < 1:
+        raise UserError(f"--heartbeat must be at least 1 second, got {heartbeat}")
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"--timeout must be more than 0 seconds, got {timeout}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     probe = load_study(study_name, storage_url, heartbeat=heartbeat)
     cfg = study_config(probe)
@@ -259,13 +319,15 @@ def spawn_workers(
     heartbeat: int,
     timeout,
     trial_nproc: int = 1,
+    gpus: list[str] | None = None,
 ) -> list[subprocess.Popen]:
     """Start ``n`` ``visiontune tune worker`` processes against the same storage (each runs
-    trials of ``trial_nproc`` processes)."""
-    env = dict(os.environ)
-    # Share the cores instead of each process claiming all of them.
-    threads = max(1, (os.cpu_count() or 1) // n)
-    env["OMP_NUM_THREADS"] = str(threads)
+    trials of ``trial_nproc`` processes).
+
+    ``gpus``: the GPUs (``CUDA_VISIBLE_DEVICES`` names) trials of one process train on; each
+    worker gets one of its own (round-robin when there are fewer GPUs than workers). Without
+    it every worker trained on the first GPU, whatever the machine had.
+    """
     cmd = [
         sys.executable,
         "-c",
@@ -285,12 +347,26 @@ def spawn_workers(
         cmd += ["--timeout", str(timeout)]
     if trial_nproc != 1:
         cmd += ["--trial-nproc", str(trial_nproc)]
+    envs = worker_envs(n, trial_nproc, gpus)
     return [
         subprocess.Popen(
-            [*cmd, "--worker-index", str(i)], env=env, preexec_fn=_set_parent_death_signal
+            [*cmd, "--worker-index", str(i)], env=envs[i], preexec_fn=_set_parent_death_signal
         )
         for i in range(n)
     ]
+
+
+def worker_envs(n: int, trial_nproc: int = 1, gpus: list[str] | None = None) -> list[dict]:
+    """The environment of each of ``n`` local workers: its share of the cores and, for trials
+    of one process on CUDA, a GPU of its own (see :func:`spawn_workers`)."""
+    env = dict(os.environ)
+    # Share the cores instead of each process claiming all of them.
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    envs = [dict(env) for _ in range(n)]
+    if gpus and trial_nproc == 1:  # a trial of N > 1 processes takes its GPUs by worker index
+        for i, worker_env in enumerate(envs):
+            worker_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+    return envs
 
 
 def wait_workers(procs: list[subprocess.Popen]) -> list[int]:
@@ -301,6 +377,7 @@ def wait_workers(procs: list[subprocess.Popen]) -> list[int]:
 
     Raises:
         UserError: every worker failed (their own output said why).
+        KeyboardInterrupt: Ctrl-C here, or every worker was stopped by a signal.
     """
     from visiontune.errors import UserError
 
@@ -312,6 +389,11 @@ def wait_workers(procs: list[subprocess.Popen]) -> list[int]:
         for p in procs:
             p.wait()
         raise
+    stopped = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+    if procs and all(c in stopped for c in codes):
+        # The workers were stopped (Ctrl-C reached them, or a SIGTERM), not broken: their
+        # trials are queued again, and the study stops the way Ctrl-C stops it.
+        raise KeyboardInterrupt
     if procs and all(c != 0 for c in codes):
         raise UserError(f"all {len(procs)} workers failed (exit codes {codes}); see above")
     return codes
