@@ -173,9 +173,11 @@ def _job_from_options(
     from visiontune.errors import UserError
     from visiontune.script.channels import parse_channel_options
     from visiontune.script.config import load_notebook_config
-    from visiontune.script.job import ScriptJob, default_job_name
+    from visiontune.script.job import ScriptJob, check_output, checked_max_run, default_job_name
     from visiontune.script.metrics import parse_metric_options
 
+    if output is not None:
+        check_output(output)
     nb = load_notebook_config(job_config) if job_config else None
     entry = script or (nb.entry_point if nb else None)
     if not entry:
@@ -197,7 +199,7 @@ def _job_from_options(
         channels={**(nb.inputs if nb else {}), **parse_channel_options(channel or [])},
         metric_definitions=defs,
         extra_args=list(extra_args or []),
-        max_run=max_run if max_run is not None else (nb.max_run if nb else None),
+        max_run=checked_max_run(max_run if max_run is not None else (nb.max_run if nb else None)),
         endpoint_url=endpoint_url,
         job_name=name,
     )
