@@ -169,3 +169,29 @@ except UserError as e:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("UserError: cannot write"), proc.stdout
     assert "\n" not in proc.stdout.strip()
+
+
+def test_serve_options_it_would_ignore_or_bend_are_refused_in_one_line(model_dir):
+    # Each one started a server: --port 70000 listened on 4464 (getaddrinfo wraps at 65536)
+    # while the banner said 70000; the others were quietly dropped for a runtime default, and
+    # --max-body-mb nan left requests with no body limit.
+    for args, needle in (
+        (["--port", "70000"], "--port must be at most 65535, got 70000"),
+        (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+        (["--runtime", "onnx", "--precision", "bf16"], "--runtime onnx runs fp32 only"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--max-body-mb", "nan"], "--max-body-mb"),
+    ):
+        proc = run_cli("serve", str(model_dir), "--device", "cpu", *args, timeout=60)
+        assert_one_line_error(proc, needle)
+        assert "Uvicorn running" not in proc.stderr
+
+
+def test_predict_with_an_endpoint_that_is_not_a_url_is_one_line(tmp_path, image_bytes):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(image_bytes(0))
+    # httpx raised InvalidURL (not a transport error) from inside the first request.
+    for url in ("http://256.1.1.1:8080", "127.0.0.1:8080", "ftp://host/x"):
+        proc = run_cli("predict", str(image), "--endpoint", url)
+        assert proc.returncode == 2
+        assert_one_line_error(proc, f"endpoint URL {url!r} is not valid")

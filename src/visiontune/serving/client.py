@@ -24,8 +24,22 @@ class EndpointError(Exception):
 
 
 def invocations_url(url: str) -> str:
-    """``http://host:8080`` or ``http://host:8080/invocations`` -> the invocations URL."""
+    """``http://host:8080`` or ``http://host:8080/invocations`` -> the invocations URL.
+
+    Raises:
+        UserError: ``url`` is not an ``http(s)://HOST[:PORT]`` URL (httpx would raise
+            ``InvalidURL``, which is not a transport error, from deep inside the first request).
+    """
     url = url.rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise UserError(f"endpoint URL {url!r} is not valid ({e})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UserError(
+            f"endpoint URL {url!r} is not valid; give http(s)://HOST:PORT, "
+            "e.g. http://127.0.0.1:8080"
+        )
     return url if url.endswith("/invocations") else f"{url}/invocations"
 
 

@@ -267,6 +267,25 @@ def resolve_runtime(name: str, device: str = "auto", precision: str = "auto") ->
     return "torch"
 
 
+def check_precision(runtime: str, device: str = "auto", precision: str = "auto") -> None:
+    """Refuse a precision that ``runtime`` (a resolved name, not ``auto``) would not run.
+
+    Without this, OpenVINO and onnxruntime ran fp16 (and onnxruntime bf16) as fp32 without a
+    word, and torch on a CPU failed with fp16 while loading, after the server had started.
+
+    Raises:
+        UserError: fp16 off CUDA or off the torch runtime; bf16 on onnxruntime.
+    """
+    from visiontune.device import resolve_device
+
+    if precision == "fp16" and (runtime != "torch" or resolve_device(device).type != "cuda"):
+        raise UserError(
+            "--precision fp16 runs on a CUDA GPU with --runtime torch; on CPU use bf16 or fp32"
+        )
+    if precision == "bf16" and runtime == "onnx":
+        raise UserError("--runtime onnx runs fp32 only; for bf16 use --runtime openvino or torch")
+
+
 def _installed(module: str) -> bool:
     try:
         __import__(module)
