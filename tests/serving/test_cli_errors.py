@@ -195,3 +195,23 @@ def test_predict_with_an_endpoint_that_is_not_a_url_is_one_line(tmp_path, image_
         proc = run_cli("predict", str(image), "--endpoint", url)
         assert proc.returncode == 2
         assert_one_line_error(proc, f"endpoint URL {url!r} is not valid")
+
+
+def test_a_model_with_nan_weights_is_refused_by_serve_and_predict(model_dir, tmp_path, image_bytes):
+    # A diverged training run still writes its model: the endpoint said ready and answered
+    # "probability": NaN (not JSON to strict parsers), predict printed an arbitrary label.
+    from safetensors.torch import load_file, save_file
+
+    diverged = tmp_path / "diverged"
+    shutil.copytree(model_dir, diverged)
+    state = load_file(str(diverged / "model.safetensors"))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(diverged / "model.safetensors"))
+    image = tmp_path / "a.jpg"
+    image.write_bytes(image_bytes(0))
+    for args in (["serve", str(diverged)], ["predict", str(image), "--model", str(diverged)]):
+        proc = run_cli(*args, timeout=60)
+        assert proc.returncode == 2
+        assert_one_line_error(proc, "holds NaN or infinite weights", "diverged")
+        assert "Uvicorn running" not in proc.stderr

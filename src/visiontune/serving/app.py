@@ -206,7 +206,24 @@ class ServeConfig:
                 )
         if not custom_model:
             read_meta(self.model_dir)  # a handler without model_fn needs a visiontune model
+            _check_weights(self.model_dir)
         return self
+
+
+def _check_weights(model_dir: str) -> None:
+    """Refuse damaged or non-finite weights before the server starts: the model itself is
+    loaded after uvicorn is up, where a failure only turns /ping to 503 for good."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from visiontune.models.artifact import WEIGHTS_FILE, check_finite_weights
+
+    weights = Path(model_dir) / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as e:
+        raise UserError(f"{weights} is damaged: {str(e).splitlines()[0]}") from None
+    check_finite_weights(state, weights)
 
 
 # ------------------------------------------------------------------------------- metrics
