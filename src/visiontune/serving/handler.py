@@ -476,7 +476,13 @@ class Handler:
     def handle(self, body: bytes, content_type: str, accept: str) -> tuple[bytes, str]:
         """Run the steps for one request (the unbatched path) and return ``(body, type)``."""
         if self.transform_fn is not None:
-            return encode_output(self.transform_fn(self.model, body, content_type, accept), accept)
+            try:
+                result = self.transform_fn(self.model, body, content_type, accept)
+            except ServingError:
+                raise
+            except Exception as e:
+                raise ModelError(f"error in transform_fn: {type(e).__name__}: {e}") from e
+            return _sendable("transform_fn", result, accept)
         try:
             data = self.input_fn(body, content_type)
         except ServingError:
@@ -503,7 +509,17 @@ class Handler:
             raise ModelError(f"error in output_fn: {type(e).__name__}: {e}") from e
         if not self.custom_output:
             return result, negotiate(accept)
+        return _sendable("output_fn", result, accept)
+
+
+def _sendable(step: str, result: Any, accept: str) -> tuple[bytes, str]:
+    """:func:`encode_output` of a custom step's return value; one it cannot send (a set, an
+    object, a content type that is not a header value) is a 500 naming the step, like an
+    exception raised inside it, instead of an anonymous internal error."""
+    try:
         return encode_output(result, accept)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{step} returned what cannot be sent: {e}") from e
 
 
 def encode_output(result: Any, accept: str) -> tuple[bytes, str]:
@@ -515,10 +531,18 @@ def encode_output(result: Any, accept: str) -> tuple[bytes, str]:
     content_type = accept if accept and "*" not in accept else JSON
     if isinstance(result, tuple) and len(result) == 2:
         result, content_type = result
+        if not isinstance(content_type, str) or not content_type.isprintable():
+            # None or an int is not a header value, and a CR/LF would split the response.
+            raise TypeError(f"the content type {content_type!r} is not a one-line string")
     if isinstance(result, str):
         return result.encode(), content_type
     if isinstance(result, bytes | bytearray | memoryview):
         return bytes(result), content_type
     if isinstance(result, torch.Tensor | np.ndarray):
         result = result.tolist()
-    return json.dumps(result).encode(), JSON
+    try:
+        return json.dumps(result).encode(), JSON
+    except TypeError as e:
+        raise TypeError(
+            f"{type(result).__name__} is not bytes, str or JSON-serialisable ({e})"
+        ) from e
