@@ -262,3 +262,19 @@ def test_a_bad_max_run_or_a_binary_file_in_the_notebook_yaml_is_one_line(
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().startswith("error: ") and "not UTF-8 text" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_an_output_inside_a_channel_is_refused_and_the_channel_untouched(
+    vt, scripts, channel, tmp_path
+):
+    # The job's model/, logs/ and input/config/ landed in the data: the script (and every
+    # later job on the folder) read them as training files.
+    before = sorted(p.relative_to(channel) for p in channel.rglob("*"))
+    for output in (channel / "run1", channel):
+        proc = vt("run", scripts / "train.py", "--channel", f"training={channel}", "-o", output)
+        assert proc.returncode == 2, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert (
+            line.startswith("error: --output ") and f"inside channel training ({channel})" in line
+        )
+    assert sorted(p.relative_to(channel) for p in channel.rglob("*")) == before

@@ -354,6 +354,7 @@ def prepare(job: ScriptJob) -> tuple[TrainingEnvironment, list[str], dict[str, A
     channels = {
         name: resolve_channel(name, where, job.endpoint_url) for name, where in job.channels.items()
     }
+    _check_output_outside_channels(output, channels)
     env = TrainingEnvironment(
         base_dir=output,
         entry_point=entry,
@@ -369,6 +370,25 @@ def prepare(job: ScriptJob) -> tuple[TrainingEnvironment, list[str], dict[str, A
         name: {"source": job.channels[name], "path": str(path)} for name, path in channels.items()
     }
     return env, command, record
+
+
+def _check_output_outside_channels(output: Path, channels: dict[str, Path]) -> None:
+    """Refuse a run directory in (or equal to) a channel's folder.
+
+    The job writes model/, logs/ and input/config/ there: the script walking its channel read
+    them as training data, and every later job on that folder did too.
+
+    Raises:
+        UserError: ``output`` is a channel's folder or inside one.
+    """
+    out = output.resolve()
+    for name, folder in channels.items():
+        folder = folder.resolve()
+        if out == folder or folder in out.parents:
+            raise UserError(
+                f"--output {output} is inside channel {name} ({folder}): the job's files "
+                "would become part of its data; choose an --output outside it"
+            )
 
 
 def _child_env(env: TrainingEnvironment, job: ScriptJob) -> dict[str, str]:
