@@ -215,3 +215,29 @@ def test_a_model_with_nan_weights_is_refused_by_serve_and_predict(model_dir, tmp
         assert proc.returncode == 2
         assert_one_line_error(proc, "holds NaN or infinite weights", "diverged")
         assert "Uvicorn running" not in proc.stderr
+
+
+def test_predict_against_a_web_server_that_is_no_endpoint_says_so_in_one_line(
+    tmp_path, image_bytes
+):
+    import http.server
+    import threading
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(image_bytes(0))
+    # A plain web server answers POST with its HTML error page, which was printed whole.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proc = run_cli(
+            "predict", str(image), "--endpoint", f"http://127.0.0.1:{server.server_port}"
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stdout.strip().splitlines()
+    assert line.startswith(f"{image}: error: HTTP 501: ")
+    assert "text/html" in line and "is this URL an endpoint" in line and "<" not in line
