@@ -539,3 +539,21 @@ def test_a_handler_answer_that_cannot_be_sent_is_a_500_naming_its_step(
             500,
             "transform_fn returned what cannot be sent: object is not bytes",
         )
+
+
+def test_an_npy_body_that_overflows_the_model_is_400_never_a_nan_answer(client):
+    # 1e38 is finite, so it passed the NaN check and the endpoint answered 200 with
+    # "probability": NaN (not JSON to strict parsers); float64 1e300 became inf as float32.
+    for array, accept, needle in (
+        (np.full((3, 64, 64), 1e38, np.float32), "application/json", "is not finite"),
+        (np.full((3, 64, 64), 1e38, np.float32), "application/x-npy", "is not finite"),
+        (np.full((3, 64, 64), 1e300, np.float64), "application/json", "infinite values"),
+    ):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        response = post(client, buffer.getvalue(), "application/x-npy", Accept=accept)
+        assert_error(response, 400, needle)
+    good = io.BytesIO()
+    np.save(good, np.zeros((3, 64, 64), np.float32))
+    answer = post(client, good.getvalue(), "application/x-npy")
+    assert answer.status_code == 200 and "NaN" not in answer.text

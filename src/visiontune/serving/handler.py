@@ -240,9 +240,12 @@ def decode_npy_body(body: bytes, opts: DecodeOptions) -> torch.Tensor:
             f"array shape {tuple(array.shape)} does not fit this model; expected {expected} "
             f"(normalised with mean {list(opts.preprocess.mean)}, std {list(opts.preprocess.std)})"
         )
+    # Cast first: a float64 1e300 is finite, and infinite as the float32 the model reads.
+    with np.errstate(over="ignore"):  # the overflow is the check below, not a warning
+        array = np.ascontiguousarray(array, dtype=np.float32)
     if not np.isfinite(array).all():
-        raise BadRequest("the array holds NaN or infinite values")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        raise BadRequest("the array holds NaN or infinite values (as float32)")
+    return torch.from_numpy(array)
 
 
 # Content type -> decoder. A new input format is one entry here.
@@ -271,9 +274,25 @@ def check_content_type(content_type: str) -> None:
 # ------------------------------------------------------------------------------- encoding
 
 
+def _check_finite(probs: torch.Tensor, info) -> None:
+    """A request whose probabilities are not finite is refused, never answered with NaN.
+
+    The weights are finite (checked when the model is loaded), so only an input overflows
+    the network: an ``.npy`` body of huge values (1e38 passes the NaN/inf check) gave 200 with
+    ``"probability": NaN``, which is not JSON to strict parsers.
+    """
+    if not bool(torch.isfinite(probs).all()):
+        raise BadRequest(
+            "the model's answer for this input is not finite (the input overflowed it); an "
+            f".npy body must be normalised with mean {list(info.preprocess.mean)}, "
+            f"std {list(info.preprocess.std)}"
+        )
+
+
 def _json_predictions(probs: torch.Tensor, info, top_k: int) -> bytes:
     from visiontune.inference import topk
 
+    _check_finite(probs, info)
     return json.dumps(
         {
             "model": info.name,
@@ -284,6 +303,7 @@ def _json_predictions(probs: torch.Tensor, info, top_k: int) -> bytes:
 
 
 def _npy_predictions(probs: torch.Tensor, info, top_k: int) -> bytes:
+    _check_finite(probs, info)
     buffer = io.BytesIO()
     np.save(buffer, probs.float().numpy(), allow_pickle=False)
     return buffer.getvalue()
