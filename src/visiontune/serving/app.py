@@ -176,7 +176,8 @@ class ServeConfig:
             not math.isfinite(self.max_body_mb)
         ):
             raise UserError(
-                "--max-batch-delay-ms, --max-body-mb and --request-timeout must be numbers"
+                "--max-batch-delay-ms, --max-body-mb and --request-timeout must be numbers "
+                "(and --max-body-mb a finite one)"
             )
         if self.max_batch_delay_ms < 0 or self.max_body_mb <= 0 or self.request_timeout_s <= 0:
             raise UserError("--max-batch-delay-ms must be >= 0; body limit and timeout > 0")
