@@ -278,3 +278,11 @@ def test_an_output_inside_a_channel_is_refused_and_the_channel_untouched(
             line.startswith("error: --output ") and f"inside channel training ({channel})" in line
         )
     assert sorted(p.relative_to(channel) for p in channel.rglob("*")) == before
+
+
+def test_a_hyperparameter_given_twice_is_refused(vt, scripts, channel, tmp_path):
+    # Like a channel given twice: the last value was used, the first looked set.
+    proc = vt("run", scripts / "train.py", "--channel", channel, "-o", tmp_path / "r",
+              "--hp", "lr=0.1", "--hp", "epochs=2", "--hp", "lr=0.01")  # fmt: skip
+    assert proc.returncode == 2 and not (tmp_path / "r").exists()
+    assert proc.stderr.strip() == "error: hyperparameter 'lr' given twice (--hp lr=...)"

@@ -32,6 +32,9 @@ def parse_hyperparameter_options(specs: list[str]) -> dict:
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise UserError(f"--hyperparameters {spec!r}: use NAME=VALUE, e.g. lr=0.01")
+        if key in out:
+            # The last one won without a word; in a long command the first looked set.
+            raise UserError(f"hyperparameter {key!r} given twice (--hp {key}=...)")
         value: object = raw
         for kind in (int, float):
             try:
