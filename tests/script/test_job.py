@@ -216,3 +216,73 @@ def test_profile_samples_the_scripts_process_tree(scripts, channel, tmp_path):
     table = read_series(tmp_path / "run" / "profile" / "system")
     workers = table.column("workers").to_pylist()
     assert max(workers) >= 1  # the script itself, seen as this process's child
+
+
+def test_an_s3_output_is_refused_not_written_to_a_local_s3_folder(vt, scripts, channel, tmp_path):
+    # SageMaker users write output_path=s3://...; Path() turned it into the folder ./s3:/...
+    proc = vt("run", scripts / "train.py", "--channel", channel, "-o", "s3://bucket/run1",
+              cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: --output s3://bucket/run1: ")
+    assert "local" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_a_max_run_or_grace_out_of_range_is_refused_before_the_job(vt, scripts, channel, tmp_path):
+    # --max-run 0 used to start the job and stop it at once, using up the run directory.
+    for i, (flags, needle) in enumerate(
+        (
+            (["--max-run", "0"], "--max-run (max_run) must be more than 0 seconds"),
+            (["--max-run", "-5"], "--max-run (max_run) must be more than 0 seconds"),
+            (["--stop-grace", "-1"], "--stop-grace must be 0 or more seconds"),
+        )
+    ):
+        out = tmp_path / f"run{i}"
+        proc = vt("run", scripts / "train.py", "--channel", channel, "-o", out, *flags)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_a_bad_max_run_or_a_binary_file_in_the_notebook_yaml_is_one_line(
+    vt, scripts, channel, tmp_path
+):
+    config = tmp_path / "job.yaml"
+    config.write_text(f"estimator:\n  entry_point: {scripts / 'train.py'}\n  max_run: soon\n")
+    proc = vt("run", "--job-config", config, "--channel", channel, "-o", tmp_path / "r")
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        proc.stderr.strip() == "error: --max-run (max_run) must be a number of seconds, got 'soon'"
+    )
+    binary = tmp_path / "photo.yaml"
+    binary.write_bytes(b"\xff\xd8\xff\xe0 not text")
+    for flag in ("--job-config", "--metric-definitions"):
+        args = [scripts / "train.py"] if flag != "--job-config" else []
+        proc = vt("run", *args, flag, binary, "-o", tmp_path / "r")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().startswith("error: ") and "not UTF-8 text" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_an_output_inside_a_channel_is_refused_and_the_channel_untouched(
+    vt, scripts, channel, tmp_path
+):
+    # The job's model/, logs/ and input/config/ landed in the data: the script (and every
+    # later job on the folder) read them as training files.
+    before = sorted(p.relative_to(channel) for p in channel.rglob("*"))
+    for output in (channel / "run1", channel):
+        proc = vt("run", scripts / "train.py", "--channel", f"training={channel}", "-o", output)
+        assert proc.returncode == 2, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert (
+            line.startswith("error: --output ") and f"inside channel training ({channel})" in line
+        )
+    assert sorted(p.relative_to(channel) for p in channel.rglob("*")) == before
+
+
+def test_a_hyperparameter_given_twice_is_refused(vt, scripts, channel, tmp_path):
+    # Like a channel given twice: the last value was used, the first looked set.
+    proc = vt("run", scripts / "train.py", "--channel", channel, "-o", tmp_path / "r",
+              "--hp", "lr=0.1", "--hp", "epochs=2", "--hp", "lr=0.01")  # fmt: skip
+    assert proc.returncode == 2 and not (tmp_path / "r").exists()
+    assert proc.stderr.strip() == "error: hyperparameter 'lr' given twice (--hp lr=...)"

@@ -496,3 +496,64 @@ def test_ping_never_says_ready_for_a_model_json_that_lies(model_dir, tmp_path, i
             time.sleep(0.02)
         assert_error(client.get("/ping"), 503, "class_names")
         assert post(client, image_bytes(0), "image/jpeg").status_code == 503
+
+
+def test_a_handler_answer_that_cannot_be_sent_is_a_500_naming_its_step(
+    model_dir, tmp_path, image_bytes
+):
+    # These were "internal error: TypeError ..." (or, for a CR/LF content type, a header
+    # split in two); the docs promise a 500 naming the handler's step.
+    output = tmp_path / "odd_output.py"
+    output.write_text(
+        "def output_fn(prediction, accept):\n"
+        "    if accept == 'x/set':\n"
+        "        return {1, 2}\n"
+        "    if accept == 'x/none':\n"
+        "        return b'body', None\n"
+        "    return b'body', 'text/plain\\r\\nX-Injected: 1'\n"
+    )
+    for client in started(ServeConfig(str(model_dir), handler=str(output), access_log=None)):
+        for accept, needle in (
+            ("x/set", "set is not bytes, str or JSON-serialisable"),
+            ("x/none", "the content type None is not a one-line string"),
+            ("x/crlf", "is not a one-line string"),
+        ):
+            response = post(client, image_bytes(0), "image/jpeg", Accept=accept)
+            assert_error(response, 500, "output_fn returned what cannot be sent: ", needle)
+            assert "x-injected" not in response.headers
+    transform = tmp_path / "odd_transform.py"
+    transform.write_text(
+        "def transform_fn(model, body, content_type, accept):\n"
+        "    if content_type == 'image/png':\n"
+        "        raise RuntimeError('no PNG here')\n"
+        "    return object()\n"
+    )
+    for client in started(ServeConfig(str(model_dir), handler=str(transform), access_log=None)):
+        assert_error(
+            post(client, image_bytes(0, fmt="PNG"), "image/png"),
+            500,
+            "error in transform_fn: RuntimeError: no PNG here",
+        )
+        assert_error(
+            post(client, image_bytes(0), "image/jpeg"),
+            500,
+            "transform_fn returned what cannot be sent: object is not bytes",
+        )
+
+
+def test_an_npy_body_that_overflows_the_model_is_400_never_a_nan_answer(client):
+    # 1e38 is finite, so it passed the NaN check and the endpoint answered 200 with
+    # "probability": NaN (not JSON to strict parsers); float64 1e300 became inf as float32.
+    for array, accept, needle in (
+        (np.full((3, 64, 64), 1e38, np.float32), "application/json", "is not finite"),
+        (np.full((3, 64, 64), 1e38, np.float32), "application/x-npy", "is not finite"),
+        (np.full((3, 64, 64), 1e300, np.float64), "application/json", "infinite values"),
+    ):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        response = post(client, buffer.getvalue(), "application/x-npy", Accept=accept)
+        assert_error(response, 400, needle)
+    good = io.BytesIO()
+    np.save(good, np.zeros((3, 64, 64), np.float32))
+    answer = post(client, good.getvalue(), "application/x-npy")
+    assert answer.status_code == 200 and "NaN" not in answer.text

@@ -169,3 +169,75 @@ except UserError as e:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("UserError: cannot write"), proc.stdout
     assert "\n" not in proc.stdout.strip()
+
+
+def test_serve_options_it_would_ignore_or_bend_are_refused_in_one_line(model_dir):
+    # Each one started a server: --port 70000 listened on 4464 (getaddrinfo wraps at 65536)
+    # while the banner said 70000; the others were quietly dropped for a runtime default, and
+    # --max-body-mb nan left requests with no body limit.
+    for args, needle in (
+        (["--port", "70000"], "--port must be at most 65535, got 70000"),
+        (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+        (["--runtime", "onnx", "--precision", "bf16"], "--runtime onnx runs fp32 only"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--max-body-mb", "nan"], "--max-body-mb"),
+    ):
+        proc = run_cli("serve", str(model_dir), "--device", "cpu", *args, timeout=60)
+        assert_one_line_error(proc, needle)
+        assert "Uvicorn running" not in proc.stderr
+
+
+def test_predict_with_an_endpoint_that_is_not_a_url_is_one_line(tmp_path, image_bytes):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(image_bytes(0))
+    # httpx raised InvalidURL (not a transport error) from inside the first request.
+    for url in ("http://256.1.1.1:8080", "127.0.0.1:8080", "ftp://host/x"):
+        proc = run_cli("predict", str(image), "--endpoint", url)
+        assert proc.returncode == 2
+        assert_one_line_error(proc, f"endpoint URL {url!r} is not valid")
+
+
+def test_a_model_with_nan_weights_is_refused_by_serve_and_predict(model_dir, tmp_path, image_bytes):
+    # A diverged training run still writes its model: the endpoint said ready and answered
+    # "probability": NaN (not JSON to strict parsers), predict printed an arbitrary label.
+    from safetensors.torch import load_file, save_file
+
+    diverged = tmp_path / "diverged"
+    shutil.copytree(model_dir, diverged)
+    state = load_file(str(diverged / "model.safetensors"))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(diverged / "model.safetensors"))
+    image = tmp_path / "a.jpg"
+    image.write_bytes(image_bytes(0))
+    for args in (["serve", str(diverged)], ["predict", str(image), "--model", str(diverged)]):
+        proc = run_cli(*args, timeout=60)
+        assert proc.returncode == 2
+        assert_one_line_error(proc, "holds NaN or infinite weights", "diverged")
+        assert "Uvicorn running" not in proc.stderr
+
+
+def test_predict_against_a_web_server_that_is_no_endpoint_says_so_in_one_line(
+    tmp_path, image_bytes
+):
+    import http.server
+    import threading
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(image_bytes(0))
+    # A plain web server answers POST with its HTML error page, which was printed whole.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proc = run_cli(
+            "predict", str(image), "--endpoint", f"http://127.0.0.1:{server.server_port}"
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stdout.strip().splitlines()
+    assert line.startswith(f"{image}: error: HTTP 501: ")
+    assert "text/html" in line and "is this URL an endpoint" in line and "<" not in line

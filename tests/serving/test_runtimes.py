@@ -149,3 +149,23 @@ def test_serve_uses_the_default_runtime(model_dir):
     handler = Handler(config.model_dir, runtime=config.runtime, device="cpu")
     handler.load()
     assert handler.model.name == fastest_installed()
+
+
+def test_a_damaged_model_onnx_is_exported_afresh_not_a_dead_endpoint(
+    model_dir, reference, image_bytes, tmp_path, caplog
+):
+    # A cut-short MODEL/model.onnx failed the default runtime's load: /ping answered 503 for
+    # good although the weights were fine.
+    import shutil
+
+    damaged = tmp_path / "model"
+    shutil.copytree(model_dir, damaged)
+    (damaged / "model.onnx").write_bytes(b"\x08\x07garbage, not protobuf")
+    with caplog.at_level("WARNING", logger="visiontune.serving"):
+        runtime = load_runtime("onnx", damaged, device="cpu", threads=1)
+    assert "model.onnx is not a readable ONNX file" in caplog.text
+    batch = batch_of(image_bytes, range(3))
+    with torch.no_grad():
+        expected = torch.softmax(reference(batch), 1)
+    assert torch.allclose(runtime.predict(batch), expected, atol=1e-4)
+    assert (damaged / "model.onnx").read_bytes() == b"\x08\x07garbage, not protobuf"

@@ -247,3 +247,34 @@ def test_register_model_without_a_tracking_uri_is_one_line(
     )  # fmt: skip
     assert code != 0 and len(err.strip().splitlines()) == 1
     assert "no MLflow tracking URI" in err and not (tmp_path / "run").exists()
+
+
+def test_serving_a_registry_uri_with_a_wrong_store_is_one_line_and_creates_nothing(tmp_path):
+    from helpers import free_port
+
+    def serve(tracking: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        if tracking is not None:
+            env["MLFLOW_TRACKING_URI"] = tracking
+        return subprocess.run(
+            [sys.executable, "-m", "visiontune", "serve", "models:/bees/1"],
+            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        )  # fmt: skip
+
+    def one_line(proc: subprocess.CompletedProcess) -> str:
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        return line
+
+    # serve has no --tracking or --tracking-optional: the training command's advice misled.
+    line = one_line(serve(None))
+    assert "set MLFLOW_TRACKING_URI" in line and "--tracking" not in line
+    line = one_line(serve(f"http://127.0.0.1:{free_port()}"))
+    assert "is unreachable" in line and "--tracking-optional" not in line
+    # A mistyped store was opened as a new, empty database: "model not registered".
+    typo = tmp_path / "mlfow" / "mlflow.db"
+    line = one_line(serve(f"sqlite:///{typo}"))
+    assert f"there is no MLflow database at {typo}" in line
+    line = one_line(serve("mlfow-folder"))
+    assert f"there is no MLflow database at {tmp_path / 'mlfow-folder' / 'mlflow.db'}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -105,3 +108,41 @@ def test_list_and_compare_runs_on_s3(three_runs, s3_env, tmp_path, cli):
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["config_differences"]["lr"] == [0.01, 0.02]
+
+
+def _visiontune(*args) -> subprocess.CompletedProcess:
+    """The real console entry point, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "visiontune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_one_unreadable_run_does_not_hide_the_others(three_runs, tmp_path):
+    # A config.yaml that is not YAML made `runs list` a traceback listing nothing at all.
+    root = tmp_path / "runs"
+    shutil.copytree(three_runs / "finished", root / "good")
+    for name, rel, text in (
+        ("broken", "config.yaml", "{model: tiny_cnn"),
+        ("listy", "config.yaml", "- lr\n- epochs\n"),
+        ("badeval", "evaluation.json", '{"accuracy": 0.9'),
+    ):
+        shutil.copytree(three_runs / "finished", root / name)
+        (root / name / rel).write_text(text)
+    proc = _visiontune("runs", "list", root, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["name"] for r in json.loads(proc.stdout)] == ["good"]
+    assert "Traceback" not in proc.stderr
+    warnings = sorted(proc.stderr.strip().splitlines())
+    assert len(warnings) == 3 and all(w.startswith("warning: left out: ") for w in warnings)
+    assert "badeval/evaluation.json is not valid JSON" in warnings[0]
+    assert "broken/config.yaml is not valid YAML" in warnings[1]
+    assert "listy/config.yaml is not a run's config" in warnings[2]
+    proc = _visiontune("runs", "compare", root / "good", root / "broken", "--html",
+                       tmp_path / "c.html")  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: {root / 'broken'}/config.yaml is not valid YAML (while parsing a flow mapping)"
+    )

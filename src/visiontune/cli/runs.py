@@ -31,7 +31,10 @@ def list_(
     """
     from visiontune.tracking.runs import format_duration, list_runs
 
-    runs = list_runs(directory, endpoint_url)
+    unreadable: list[str] = []
+    runs = list_runs(directory, endpoint_url, unreadable)
+    for reason in unreadable:
+        typer.echo(f"warning: left out: {reason}", err=True)
     if json_out:
         typer.echo(json.dumps([r.to_json() for r in runs], indent=2))
         return

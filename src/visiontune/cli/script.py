@@ -32,6 +32,9 @@ def parse_hyperparameter_options(specs: list[str]) -> dict:
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise UserError(f"--hyperparameters {spec!r}: use NAME=VALUE, e.g. lr=0.01")
+        if key in out:
+            # The last one won without a word; in a long command the first looked set.
+            raise UserError(f"hyperparameter {key!r} given twice (--hp {key}=...)")
         value: object = raw
         for kind in (int, float):
             try:
@@ -173,9 +176,11 @@ def _job_from_options(
     from visiontune.errors import UserError
     from visiontune.script.channels import parse_channel_options
     from visiontune.script.config import load_notebook_config
-    from visiontune.script.job import ScriptJob, default_job_name
+    from visiontune.script.job import ScriptJob, check_output, checked_max_run, default_job_name
     from visiontune.script.metrics import parse_metric_options
 
+    if output is not None:
+        check_output(output)
     nb = load_notebook_config(job_config) if job_config else None
     entry = script or (nb.entry_point if nb else None)
     if not entry:
@@ -197,7 +202,7 @@ def _job_from_options(
         channels={**(nb.inputs if nb else {}), **parse_channel_options(channel or [])},
         metric_definitions=defs,
         extra_args=list(extra_args or []),
-        max_run=max_run if max_run is not None else (nb.max_run if nb else None),
+        max_run=checked_max_run(max_run if max_run is not None else (nb.max_run if nb else None)),
         endpoint_url=endpoint_url,
         job_name=name,
     )

@@ -256,6 +256,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
         state = load_file(str(path / WEIGHTS_FILE))
     except SafetensorError as e:
         raise UserError(f"{path / WEIGHTS_FILE} is damaged: {str(e).splitlines()[0]}") from e
+    check_finite_weights(state, path / WEIGHTS_FILE)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -264,6 +265,28 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
         ) from e
     model.eval().to(device)
     return LoadedModel(model, meta, Preprocess.from_dict(meta["preprocess"]), path)
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], weights_file: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or infinity.
+
+    A training run that diverged (too high a learning rate) still writes its model; every
+    answer of such a model is NaN, which serving sent as ``"probability": NaN`` (not JSON that
+    strict parsers read) and ``predict`` printed as ``cat nan`` with an arbitrary label.
+
+    Raises:
+        UserError: a floating-point tensor holds a value that is not finite.
+    """
+    bad = [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise UserError(
+            f"{weights_file} holds NaN or infinite weights ({len(bad)} of {len(state)} tensors, "
+            f"first {bad[0]}): the training run diverged; retrain it, e.g. with a lower --lr"
+        )
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:

@@ -266,9 +266,11 @@ def _load_yaml(path: str | Path, what: str = "config file") -> Any:
     if not p.is_file():
         raise UserError(f"{what} not found: {p}")
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p} is not a YAML file (not UTF-8 text)") from None
 
 
 def _check_keys(section: str, values: dict[str, Any], known: set[str]) -> None:

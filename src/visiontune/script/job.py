@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -134,6 +135,45 @@ def default_job_name(entry_point: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9-]+", "-", Path(entry_point).stem).strip("-") or "job"
     now = datetime.now(UTC)
     return f"{stem[:40]}-{now:%Y-%m-%d-%H-%M-%S}-{now.microsecond // 1000:03d}"
+
+
+def checked_max_run(value: Any) -> float | None:
+    """``max_run`` (from ``--max-run`` or the notebook YAML) as positive seconds, or ``None``.
+
+    Raises:
+        UserError: not a number, or not above 0 (the script would be stopped at once and the
+            run directory used up by a job that never ran).
+    """
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--max-run (max_run) must be a number of seconds, got {value!r}") from None
+    if not seconds > 0 or math.isinf(seconds):
+        raise UserError(f"--max-run (max_run) must be more than 0 seconds, got {value!r}")
+    return seconds
+
+
+def check_output(output: str | os.PathLike) -> None:
+    """Refuse a URL as a job's run directory: the job writes it on this machine.
+
+    ``Path("s3://bucket/run")`` is the local folder ``s3:/bucket/run``; taking it silently
+    would leave the model in a folder named ``s3:`` while the user looks for it in the bucket.
+
+    Raises:
+        UserError: ``output`` is a URL.
+    """
+    if _URL_LIKE.match(os.fspath(output)):
+        raise UserError(
+            f"--output {os.fspath(output).replace(':/', '://', 1)}: a script-mode job's run "
+            "directory is a local folder (SageMaker's output_path is not uploaded to); "
+            "give a local path"
+        )
+
+
+# ``s3://x`` as typed, or as ``Path`` leaves it (``s3:/x``): a scheme, a colon and a slash.
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 def resolve_entry_point(entry_point: str, source_dir: Path | None) -> tuple[Path, str]:
@@ -304,12 +344,17 @@ def prepare(job: ScriptJob) -> tuple[TrainingEnvironment, list[str], dict[str, A
     python = job.python or sys.executable
     if shutil.which(python) is None and not Path(python).is_file():
         raise UserError(f"--python {python} not found")
+    check_output(job.output)
+    checked_max_run(job.max_run)
+    if not job.stop_grace >= 0:
+        raise UserError(f"--stop-grace must be 0 or more seconds, got {job.stop_grace!r}")
     output = Path(job.output).expanduser().absolute()
     if (output / "job.json").exists():
         raise UserError(f"{output} already holds a training job; choose another --output")
     channels = {
         name: resolve_channel(name, where, job.endpoint_url) for name, where in job.channels.items()
     }
+    _check_output_outside_channels(output, channels)
     env = TrainingEnvironment(
         base_dir=output,
         entry_point=entry,
@@ -325,6 +370,25 @@ def prepare(job: ScriptJob) -> tuple[TrainingEnvironment, list[str], dict[str, A
         name: {"source": job.channels[name], "path": str(path)} for name, path in channels.items()
     }
     return env, command, record
+
+
+def _check_output_outside_channels(output: Path, channels: dict[str, Path]) -> None:
+    """Refuse a run directory in (or equal to) a channel's folder.
+
+    The job writes model/, logs/ and input/config/ there: the script walking its channel read
+    them as training data, and every later job on that folder did too.
+
+    Raises:
+        UserError: ``output`` is a channel's folder or inside one.
+    """
+    out = output.resolve()
+    for name, folder in channels.items():
+        folder = folder.resolve()
+        if out == folder or folder in out.parents:
+            raise UserError(
+                f"--output {output} is inside channel {name} ({folder}): the job's files "
+                "would become part of its data; choose an --output outside it"
+            )
 
 
 def _child_env(env: TrainingEnvironment, job: ScriptJob) -> dict[str, str]:

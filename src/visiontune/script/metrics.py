@@ -102,9 +102,11 @@ def load_definitions_file(path: str | Path) -> list[MetricDefinition]:
     if not p.is_file():
         raise UserError(f"metric definitions file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise UserError(f"{p} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p} is not a YAML/JSON file (not UTF-8 text)") from None
     if isinstance(data, dict) and "metric_definitions" in data:
         data = data["metric_definitions"]
     return definitions_from_list(data, str(p))

@@ -71,6 +71,8 @@ __all__ = ["ServeConfig", "create_app", "fetch_model_dir", "serve"]
 
 log = logging.getLogger("visiontune.serving")
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
+# --precision values a runtime understands (fp16: CUDA with the torch runtime).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Answers made with test-time augmentation say so, with the number of views averaged.
 TTA_HEADER = "x-visiontune-tta-views"
 
@@ -144,7 +146,7 @@ class ServeConfig:
     def check(self) -> ServeConfig:
         """Fail in the first second on a bad value, a missing handler or a non-model dir."""
         from visiontune.models.artifact import read_meta
-        from visiontune.serving.runtimes import resolve_runtime
+        from visiontune.serving.runtimes import check_precision, resolve_runtime
 
         for name, value, low in (
             ("--max-batch-size", self.max_batch_size, 1),
@@ -158,11 +160,32 @@ class ServeConfig:
         ):
             if value < low:
                 raise UserError(f"{name} must be at least {low}, got {value}")
+        # A port past 65535 is taken modulo 65536 by getaddrinfo: --port 70000 listened on
+        # 4464 while uvicorn's banner said 70000.
+        if self.port > 65535:
+            raise UserError(f"--port must be at most 65535, got {self.port}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        # An unknown precision fell through to each runtime's default without a word.
+        if self.precision not in PRECISIONS:
+            raise UserError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        # NaN passes every comparison below (--max-body-mb nan was no body limit at all).
+        if any(math.isnan(v) for v in (self.max_batch_delay_ms, self.request_timeout_s)) or (
+            not math.isfinite(self.max_body_mb)
+        ):
+            raise UserError(
+                "--max-batch-delay-ms, --max-body-mb and --request-timeout must be numbers "
+                "(and --max-body-mb a finite one)"
+            )
         if self.max_batch_delay_ms < 0 or self.max_body_mb <= 0 or self.request_timeout_s <= 0:
             raise UserError("--max-batch-delay-ms must be >= 0; body limit and timeout > 0")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise UserError("--header-timeout and --body-timeout must be > 0 seconds")
-        resolve_runtime(self.runtime, self.device, self.precision)
+        check_precision(
+            resolve_runtime(self.runtime, self.device, self.precision), self.device, self.precision
+        )
         from visiontune.tta import check_views
 
         check_views(self.tta)
@@ -184,7 +207,24 @@ class ServeConfig:
                 )
         if not custom_model:
             read_meta(self.model_dir)  # a handler without model_fn needs a visiontune model
+            _check_weights(self.model_dir)
         return self
+
+
+def _check_weights(model_dir: str) -> None:
+    """Refuse damaged or non-finite weights before the server starts: the model itself is
+    loaded after uvicorn is up, where a failure only turns /ping to 503 for good."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from visiontune.models.artifact import WEIGHTS_FILE, check_finite_weights
+
+    weights = Path(model_dir) / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as e:
+        raise UserError(f"{weights} is damaged: {str(e).splitlines()[0]}") from None
+    check_finite_weights(state, weights)
 
 
 # ------------------------------------------------------------------------------- metrics

@@ -24,8 +24,22 @@ class EndpointError(Exception):
 
 
 def invocations_url(url: str) -> str:
-    """``http://host:8080`` or ``http://host:8080/invocations`` -> the invocations URL."""
+    """``http://host:8080`` or ``http://host:8080/invocations`` -> the invocations URL.
+
+    Raises:
+        UserError: ``url`` is not an ``http(s)://HOST[:PORT]`` URL (httpx would raise
+            ``InvalidURL``, which is not a transport error, from deep inside the first request).
+    """
     url = url.rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise UserError(f"endpoint URL {url!r} is not valid ({e})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UserError(
+            f"endpoint URL {url!r} is not valid; give http(s)://HOST:PORT, "
+            "e.g. http://127.0.0.1:8080"
+        )
     return url if url.endswith("/invocations") else f"{url}/invocations"
 
 
@@ -92,7 +106,7 @@ class Predictor:
                 doc = response.json()
                 message, request_id = doc.get("error", response.text), doc.get("request_id")
             except ValueError:
-                message, request_id = response.text or response.reason_phrase, None
+                message, request_id = _plain_error(response), None
             raise EndpointError(response.status_code, str(message), request_id)
         try:
             return response.json()
@@ -127,6 +141,19 @@ class Predictor:
         if top is None:
             raise EndpointError(200, f"the endpoint answered another shape: {_short(answer)}")
         return top
+
+
+def _plain_error(response: httpx.Response, limit: int = 300) -> str:
+    """One line for an error answer that is not JSON: a web server's HTML error page (the URL
+    is not an endpoint) was printed whole, dozens of lines per image."""
+    kind = response.headers.get("content-type", "")
+    text = " ".join(response.text.split())
+    if not text or "html" in kind.lower():
+        return (
+            f"{response.reason_phrase}; the server answered {kind or 'an empty body'}, not a "
+            "SageMaker-contract error: is this URL an endpoint (visiontune serve)?"
+        )
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def visiontune_predictions(answer: Any) -> list[dict[str, Any]] | None:

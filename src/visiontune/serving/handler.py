@@ -240,9 +240,12 @@ def decode_npy_body(body: bytes, opts: DecodeOptions) -> torch.Tensor:
             f"array shape {tuple(array.shape)} does not fit this model; expected {expected} "
             f"(normalised with mean {list(opts.preprocess.mean)}, std {list(opts.preprocess.std)})"
         )
+    # Cast first: a float64 1e300 is finite, and infinite as the float32 the model reads.
+    with np.errstate(over="ignore"):  # the overflow is the check below, not a warning
+        array = np.ascontiguousarray(array, dtype=np.float32)
     if not np.isfinite(array).all():
-        raise BadRequest("the array holds NaN or infinite values")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        raise BadRequest("the array holds NaN or infinite values (as float32)")
+    return torch.from_numpy(array)
 
 
 # Content type -> decoder. A new input format is one entry here.
@@ -271,9 +274,25 @@ def check_content_type(content_type: str) -> None:
 # ------------------------------------------------------------------------------- encoding
 
 
+def _check_finite(probs: torch.Tensor, info) -> None:
+    """A request whose probabilities are not finite is refused, never answered with NaN.
+
+    The weights are finite (checked when the model is loaded), so only an input overflows
+    the network: an ``.npy`` body of huge values (1e38 passes the NaN/inf check) gave 200 with
+    ``"probability": NaN``, which is not JSON to strict parsers.
+    """
+    if not bool(torch.isfinite(probs).all()):
+        raise BadRequest(
+            "the model's answer for this input is not finite (the input overflowed it); an "
+            f".npy body must be normalised with mean {list(info.preprocess.mean)}, "
+            f"std {list(info.preprocess.std)}"
+        )
+
+
 def _json_predictions(probs: torch.Tensor, info, top_k: int) -> bytes:
     from visiontune.inference import topk
 
+    _check_finite(probs, info)
     return json.dumps(
         {
             "model": info.name,
@@ -284,6 +303,7 @@ def _json_predictions(probs: torch.Tensor, info, top_k: int) -> bytes:
 
 
 def _npy_predictions(probs: torch.Tensor, info, top_k: int) -> bytes:
+    _check_finite(probs, info)
     buffer = io.BytesIO()
     np.save(buffer, probs.float().numpy(), allow_pickle=False)
     return buffer.getvalue()
@@ -476,7 +496,13 @@ class Handler:
     def handle(self, body: bytes, content_type: str, accept: str) -> tuple[bytes, str]:
         """Run the steps for one request (the unbatched path) and return ``(body, type)``."""
         if self.transform_fn is not None:
-            return encode_output(self.transform_fn(self.model, body, content_type, accept), accept)
+            try:
+                result = self.transform_fn(self.model, body, content_type, accept)
+            except ServingError:
+                raise
+            except Exception as e:
+                raise ModelError(f"error in transform_fn: {type(e).__name__}: {e}") from e
+            return _sendable("transform_fn", result, accept)
         try:
             data = self.input_fn(body, content_type)
         except ServingError:
@@ -503,7 +529,17 @@ class Handler:
             raise ModelError(f"error in output_fn: {type(e).__name__}: {e}") from e
         if not self.custom_output:
             return result, negotiate(accept)
+        return _sendable("output_fn", result, accept)
+
+
+def _sendable(step: str, result: Any, accept: str) -> tuple[bytes, str]:
+    """:func:`encode_output` of a custom step's return value; one it cannot send (a set, an
+    object, a content type that is not a header value) is a 500 naming the step, like an
+    exception raised inside it, instead of an anonymous internal error."""
+    try:
         return encode_output(result, accept)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{step} returned what cannot be sent: {e}") from e
 
 
 def encode_output(result: Any, accept: str) -> tuple[bytes, str]:
@@ -515,10 +551,18 @@ def encode_output(result: Any, accept: str) -> tuple[bytes, str]:
     content_type = accept if accept and "*" not in accept else JSON
     if isinstance(result, tuple) and len(result) == 2:
         result, content_type = result
+        if not isinstance(content_type, str) or not content_type.isprintable():
+            # None or an int is not a header value, and a CR/LF would split the response.
+            raise TypeError(f"the content type {content_type!r} is not a one-line string")
     if isinstance(result, str):
         return result.encode(), content_type
     if isinstance(result, bytes | bytearray | memoryview):
         return bytes(result), content_type
     if isinstance(result, torch.Tensor | np.ndarray):
         result = result.tolist()
-    return json.dumps(result).encode(), JSON
+    try:
+        return json.dumps(result).encode(), JSON
+    except TypeError as e:
+        raise TypeError(
+            f"{type(result).__name__} is not bytes, str or JSON-serialisable ({e})"
+        ) from e

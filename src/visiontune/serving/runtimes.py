@@ -8,6 +8,7 @@ in ``tests/serving/test_runtimes.py``; a new runtime is one entry in :data:`RUNT
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -219,16 +220,34 @@ def _signal_stack_kept():
 
 def onnx_file_for(model_dir: Path, loaded) -> Path:
     """``model_dir/model.onnx`` if it matches the weights; else a fresh export in the cache."""
-    from visiontune.export import ONNX_FILE, export_onnx, onnx_version
+    from visiontune.export import ONNX_FILE, export_onnx
     from visiontune.uri import visiontune_home
 
     in_dir = model_dir / ONNX_FILE
-    if in_dir.is_file() and onnx_version(in_dir) == loaded.version:
+    if in_dir.is_file() and _recorded_version(in_dir) == loaded.version:
         return in_dir
     cached = visiontune_home() / "onnx" / f"{loaded.version or 'unversioned'}" / ONNX_FILE
     if not cached.is_file():
         export_onnx(loaded.model.cpu(), loaded.preprocess.input_size, cached, loaded.version)
     return cached
+
+
+def _recorded_version(path: Path) -> str | None:
+    """The model version ``path`` records, or ``None`` (so it counts as stale) when it is not
+    a readable ONNX file: a damaged ``MODEL/model.onnx`` (a copy cut short) failed the load
+    of the default runtime, leaving a server that answered 503 for good although the weights,
+    which every export is made from, were fine."""
+    from visiontune.export import onnx_version
+
+    try:
+        return onnx_version(path)
+    except Exception as e:  # protobuf's DecodeError and onnx's own errors share no base
+        logging.getLogger("visiontune.serving").warning(
+            "%s is not a readable ONNX file (%s); exporting the weights afresh instead",
+            path,
+            f"{type(e).__name__}: {e}".splitlines()[0],
+        )
+        return None
 
 
 # Name -> constructor ``(model_dir, *, device, precision, threads) -> Runtime``.
@@ -265,6 +284,25 @@ def resolve_runtime(name: str, device: str = "auto", precision: str = "auto") ->
     if precision in ("auto", "fp32") and _installed("onnxruntime"):
         return "onnx"
     return "torch"
+
+
+def check_precision(runtime: str, device: str = "auto", precision: str = "auto") -> None:
+    """Refuse a precision that ``runtime`` (a resolved name, not ``auto``) would not run.
+
+    Without this, OpenVINO and onnxruntime ran fp16 (and onnxruntime bf16) as fp32 without a
+    word, and torch on a CPU failed with fp16 while loading, after the server had started.
+
+    Raises:
+        UserError: fp16 off CUDA or off the torch runtime; bf16 on onnxruntime.
+    """
+    from visiontune.device import resolve_device
+
+    if precision == "fp16" and (runtime != "torch" or resolve_device(device).type != "cuda"):
+        raise UserError(
+            "--precision fp16 runs on a CUDA GPU with --runtime torch; on CPU use bf16 or fp32"
+        )
+    if precision == "bf16" and runtime == "onnx":
+        raise UserError("--runtime onnx runs fp32 only; for bf16 use --runtime openvino or torch")
 
 
 def _installed(module: str) -> bool:

@@ -82,10 +82,15 @@ _PARAM_MAX = 6000
 # URIs and the connection check
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
+def resolve_tracking_uri(uri: str | None, *, create: bool = True) -> str:
     """The tracking URI to use: ``uri``, else ``$MLFLOW_TRACKING_URI``. A plain path becomes
     a SQLite database (MLflow 3 refuses the old file store without an override): a ``.db`` /
     ``.sqlite`` file as it is, any other path as a folder holding ``mlflow.db``.
+
+    Args:
+        uri: the URI or path given, or ``None`` for ``$MLFLOW_TRACKING_URI``.
+        create: make a plain path's folder (a training run logs there); ``False`` for readers,
+            which must not make an empty store out of a mistyped path.
 
     Raises:
         UserError: no URI at all.
@@ -101,7 +106,8 @@ def resolve_tracking_uri(uri: str | None) -> str:
     path = Path(uri).expanduser().resolve()
     if path.suffix not in (".db", ".sqlite"):
         path = path / "mlflow.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
 

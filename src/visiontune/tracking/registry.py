@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -47,15 +48,10 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> str:
         raise UserError(
             f"{uri} is an MLflow model URI; install the extra: pip install 'visiontune[mlflow]'"
         ) from None
-    from visiontune.tracking.mlflow_callback import (
-        check_server,
-        resolve_tracking_uri,
-        use_tracking_uri,
-    )
+    from visiontune.tracking.mlflow_callback import use_tracking_uri
     from visiontune.uri import visiontune_home
 
-    tracking = resolve_tracking_uri(tracking_uri)
-    check_server(tracking)
+    tracking = _registry_store(uri, tracking_uri)
     key = hashlib.sha1(f"{tracking}\n{uri}".encode()).hexdigest()[:16]
     dest = visiontune_home() / "models" / "mlflow" / key
     partial = dest.with_name(dest.name + ".partial")
@@ -76,6 +72,43 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> str:
     shutil.rmtree(dest, ignore_errors=True)
     partial.replace(dest)
     return str(_find_model_dir(dest, uri))
+
+
+def _registry_store(uri: str, tracking_uri: str | None) -> str:
+    """The tracking URI to read ``uri`` from, checked to exist without creating anything.
+
+    Reading must not make a store: MLflow opened a mistyped ``sqlite:///`` path (or
+    ``$MLFLOW_TRACKING_URI`` folder) as a new empty database and then said the model was not
+    registered. And the training command's advice (``--tracking``, ``--tracking-optional``)
+    does not apply to ``serve``, which takes the URI from ``$MLFLOW_TRACKING_URI``.
+
+    Raises:
+        UserError: no tracking URI, an unreachable server, or no database at a local path.
+    """
+    from visiontune.tracking.mlflow_callback import (
+        TrackingUnreachable,
+        check_server,
+        resolve_tracking_uri,
+    )
+
+    if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise UserError(
+            f"{uri} is read from an MLflow tracking server: set MLFLOW_TRACKING_URI "
+            "(http://host:port, sqlite:///file.db or a folder)"
+        )
+    tracking = resolve_tracking_uri(tracking_uri, create=False)
+    try:
+        check_server(tracking)
+    except TrackingUnreachable as e:
+        raise UserError(f"cannot fetch {uri}: {e.short}; is MLFLOW_TRACKING_URI right?") from None
+    if tracking.startswith("sqlite:///"):
+        database = Path(tracking.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise UserError(
+                f"cannot fetch {uri}: there is no MLflow database at {database} "
+                f"(from the tracking URI {tracking_uri or os.environ['MLFLOW_TRACKING_URI']})"
+            )
+    return tracking
 
 
 def _first_line(e: BaseException) -> str:

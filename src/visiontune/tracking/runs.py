@@ -83,6 +83,8 @@ class _Files:
             return self.fs.cat_file(self._p(rel)).decode()
         except (FileNotFoundError, IsADirectoryError):
             return None
+        except UnicodeDecodeError:
+            raise UserError(f"{self._p(rel)} is not a text file") from None
 
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(self._p(rel)))
@@ -153,7 +155,12 @@ def summarize_run(
     text = files.text("config.yaml")
     if text is None:
         raise UserError(f"{uri} is not a run directory (it has no config.yaml)")
-    config = yaml.safe_load(text) or {}
+    try:
+        config = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{uri}/config.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{uri}/config.yaml is not a run's config (a mapping of config keys)")
     history = epoch_history(_parse_jsonl(files.text("metrics.jsonl") or ""))
     monitor = config.get("monitor", "valid_loss")
     minimise = config.get("monitor_mode", "auto") == "min" or (
@@ -164,7 +171,13 @@ def summarize_run(
     for split, rel in (("test", "evaluation.json"), ("valid", "evaluation-valid.json")):
         evaluation = files.text(rel)
         if evaluation is not None:
-            test_split, test_accuracy = split, json.loads(evaluation).get("accuracy")
+            try:
+                doc = json.loads(evaluation)
+            except ValueError:
+                raise UserError(f"{uri}/{rel} is not valid JSON") from None
+            accuracy = doc.get("accuracy") if isinstance(doc, dict) else None
+            test_split = split
+            test_accuracy = accuracy if isinstance(accuracy, (int, float)) else None
             break
     has_model = files.exists("model/model.json")
     times = [
@@ -232,9 +245,11 @@ def _parse_jsonl(text: str) -> list[dict[str, Any]]:
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             continue  # a line cut short by a kill mid-write; the rest is still good
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
@@ -272,14 +287,33 @@ def _best(
     return value, epoch
 
 
-def list_runs(root_uri: str, endpoint_url: str | None = None) -> list[RunSummary]:
-    """Summaries of every run at or under ``root_uri``, named by their path below it."""
+def list_runs(
+    root_uri: str, endpoint_url: str | None = None, unreadable: list[str] | None = None
+) -> list[RunSummary]:
+    """Summaries of every run at or under ``root_uri``, named by their path below it.
+
+    Args:
+        root_uri: a folder (or ``s3://`` prefix) holding run directories, or one run.
+        endpoint_url: S3-compatible endpoint.
+        unreadable: when given, a run whose files cannot be read (a config.yaml that is not
+            YAML, say) is left out and the reason appended here, so one broken folder does
+            not hide every other run; without it such a run raises.
+
+    Raises:
+        UserError: ``root_uri`` does not exist, or (without ``unreadable``) a run's files
+            cannot be read.
+    """
     runs = find_runs(root_uri, endpoint_url)
     base = root_uri.rstrip("/")
     out = []
     for uri in runs:
         rel = uri[len(base) :].lstrip("/") or uri.rstrip("/").rsplit("/", 1)[-1]
-        out.append(summarize_run(uri, endpoint_url, name=rel))
+        try:
+            out.append(summarize_run(uri, endpoint_url, name=rel))
+        except UserError as e:
+            if unreadable is None:
+                raise
+            unreadable.append(str(e))
     return out
 
 
