@@ -40,6 +40,9 @@ CHECKPOINT_VERSION = 2
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng")
 # Files that mark a directory as (part of) a training run.
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "model")
+# What else a run writes at its top level: found in a folder that is no run (a tuning study's
+# folder holds its report.html), a new run would replace them.
+RUN_OUTPUTS = ("report.html", "evaluation.json", "profile", "debug")
 
 
 class RunDir:
@@ -153,6 +156,12 @@ class RunDir:
             raise UserError(
                 f"{self} already holds a training run ({', '.join(present)}); resume it with "
                 f"`visiontune train --resume {self}` or choose another --output"
+            )
+        replaced = [m for m in RUN_OUTPUTS if (self.path / m).exists()]
+        if replaced:
+            raise UserError(
+                f"{self} holds {', '.join(replaced)}, which a training run would replace (is it "
+                "a tuning study's folder, or another job's?); choose another --output"
             )
 
     def _remote_markers(self) -> list[str]:
