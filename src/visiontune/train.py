@@ -203,10 +203,23 @@ def train(
             resume that would change the run's hyperparameters.
         TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was saved first.
     """
-    from visiontune.models.registry import get_spec
-
     runtime, group = _resolve_runtime(cfg)  # joins torchrun's process group when launched by it
     run = RunDir.open(cfg.output, cfg.endpoint_url)
+    with run.only_writer(group.is_main):  # one process writes a run: rank 0 of one job
+        return _train(cfg, callbacks, resume, runtime, group, run)
+
+
+def _train(
+    cfg: TrainConfig,
+    callbacks: Sequence[Callback],
+    resume: bool,
+    runtime: Runtime,
+    group: dist.Group,
+    run: RunDir,
+) -> TrainResult:
+    """:func:`train` once its run directory is this process's alone."""
+    from visiontune.models.registry import get_spec
+
     # Rank 0 reads the run directory; the others get what it found (or its failure).
     cfg, checkpoint, resume = group.on_main(lambda: _open_run(run, cfg, resume, group))
     run = run.for_rank(group.rank)
