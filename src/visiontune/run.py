@@ -40,6 +40,9 @@ CHECKPOINT_VERSION = 2
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng")
 # Files that mark a directory as (part of) a training run.
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "model")
+# What else a run writes at its top level: found in a folder that is no run (a tuning study's
+# folder holds its report.html), a new run would replace them.
+RUN_OUTPUTS = ("report.html", "evaluation.json", "profile", "debug")
 
 
 class RunDir:
@@ -74,6 +77,42 @@ class RunDir:
 
     def __str__(self) -> str:
         return self.remote or str(self.path)
+
+    @contextlib.contextmanager
+    def only_writer(self, enabled: bool = True) -> Iterator[None]:
+        """Hold this run directory for this process while the block runs.
+
+        Two ``train`` runs started into the same new ``--output`` (the default ``runs/latest``
+        from two terminals) both passed the check for an existing run, which finds one only
+        once ``config.yaml`` is written, after the data, the model and any feature cache are
+        ready: minutes in which a second run could start and interleave its checkpoints and
+        metrics with the first's. The lock lives in visiontune's home (nothing is added to the
+        user's folders), keyed by the run's absolute path or ``s3://`` URI; it goes with the
+        process, however it ends. ``enabled=False`` (torchrun ranks other than 0, which write
+        nothing) holds nothing.
+
+        Raises:
+            UserError: another process holds it.
+        """
+        if not enabled:
+            yield
+            return
+        import fcntl
+
+        from visiontune.uri import visiontune_home
+
+        key = self.remote or str(self.path.expanduser().absolute())
+        lock = visiontune_home() / "locks" / f"run-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(
+                    f"another visiontune process is training in {self}; let it finish, or "
+                    "choose another --output"
+                ) from None
+            yield
 
     def for_rank(self, rank: int) -> RunDir:
         """This run as rank ``rank`` of a torchrun job sees it: rank 0 is the one writer."""
@@ -153,6 +192,12 @@ class RunDir:
             raise UserError(
                 f"{self} already holds a training run ({', '.join(present)}); resume it with "
                 f"`visiontune train --resume {self}` or choose another --output"
+            )
+        replaced = [m for m in RUN_OUTPUTS if (self.path / m).exists()]
+        if replaced:
+            raise UserError(
+                f"{self} holds {', '.join(replaced)}, which a training run would replace (is it "
+                "a tuning study's folder, or another job's?); choose another --output"
             )
 
     def _remote_markers(self) -> list[str]:

@@ -203,10 +203,23 @@ def train(
             resume that would change the run's hyperparameters.
         TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was saved first.
     """
-    from visiontune.models.registry import get_spec
-
     runtime, group = _resolve_runtime(cfg)  # joins torchrun's process group when launched by it
     run = RunDir.open(cfg.output, cfg.endpoint_url)
+    with run.only_writer(group.is_main):  # one process writes a run: rank 0 of one job
+        return _train(cfg, callbacks, resume, runtime, group, run)
+
+
+def _train(
+    cfg: TrainConfig,
+    callbacks: Sequence[Callback],
+    resume: bool,
+    runtime: Runtime,
+    group: dist.Group,
+    run: RunDir,
+) -> TrainResult:
+    """:func:`train` once its run directory is this process's alone."""
+    from visiontune.models.registry import get_spec
+
     # Rank 0 reads the run directory; the others get what it found (or its failure).
     cfg, checkpoint, resume = group.on_main(lambda: _open_run(run, cfg, resume, group))
     run = run.for_rank(group.rank)
@@ -1083,10 +1096,22 @@ def end_epoch(job: Job, valid: dict[str, Any]) -> None:
     # With weight averaging, only averaged epochs may be exported: earlier ones are logged but
     # are not candidates for the best epoch (nor count towards early stopping).
     candidate = averager is None or averager.active(state.epoch)
-    if cfg.refit:
+    # A non-finite training loss or weights (too high a learning rate; a finite loss can come
+    # with a BatchNorm's running statistics blown up): these weights are no model, and
+    # every further epoch would only compute NaNs. The run stops; export_best keeps the best
+    # finite epoch, or says there is none.
+    diverged = not math.isfinite(metrics["train_loss"]) or not _weights_finite(job.model)
+    if diverged:
+        state.stop_reason = state.stop_reason or "diverged"
+    elif cfg.refit:
         # Nothing held out to choose by: the model is the last epoch (CV chose the epoch count).
         state.best_value, state.best_epoch, state.stale_epochs = None, state.epoch + 1, 0
-    elif candidate and (state.best_value is None or job.opt.better(value, state.best_value)):
+    elif (
+        candidate
+        # a NaN would stay "best" for good: no later value compares better than it
+        and math.isfinite(value)
+        and (state.best_value is None or job.opt.better(value, state.best_value))
+    ):
         state.best_value, state.best_epoch, state.stale_epochs = value, state.epoch + 1, 0
         if averager is None:
             job.run.save_best(_kept_weights(job, job.model.state_dict()))
@@ -1110,10 +1135,41 @@ def end_epoch(job: Job, valid: dict[str, Any]) -> None:
         raise TrainingInterrupted(job.run, signum)
 
 
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one host sync)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _check_divergence_left_a_model(job: Job) -> None:
+    """A diverged run exports its best finite epoch, saying so; with none (it diverged in its
+    first epoch, or a refit, which keeps its last epoch) there is no model to write.
+
+    Raises:
+        UserError: no epoch before the divergence can be exported.
+    """
+    cfg, state = job.cfg, job.state
+    last = state.history[-1]
+    loss = last["train_loss"]
+    why = f"train loss {loss}" if not math.isfinite(loss) else "weights not finite"
+    where = f"training diverged in epoch {last['epoch']} ({why})"
+    if cfg.refit or state.best_epoch is None:
+        raise UserError(f"{where}; no model was written: lower the learning rate (--lr {cfg.lr:g})")
+    _say(
+        job,
+        f"warning: {where} and stopped; the model is epoch {state.best_epoch}'s, the best "
+        f"before it: a lower learning rate (--lr {cfg.lr:g}) may train further",
+    )
+
+
 def export_best(job: Job, preprocess) -> TrainResult:
     """Evaluate the best epoch on the test split (valid when there is none); write RUN/model."""
     cfg, state, run, model = job.cfg, job.state, job.run, job.model
     state.phase = "export"
+    if state.stop_reason == "diverged":
+        _check_divergence_left_a_model(job)
     job.cbs.fire("on_export_start", state)
     # A refit keeps its last epoch (nothing held out to choose by); only rank 0 has the file.
     best = None if cfg.refit else job.dist.on_main(run.load_best)

@@ -339,12 +339,7 @@ def download(
         except UserError:
             raise
         except Exception as e:  # aiohttp, DNS, timeouts, HTTP 4xx/5xx: all "cannot download"
-            reason = (
-                "HTTP 404 not found"
-                if isinstance(e, FileNotFoundError)
-                else (str(e).splitlines()[0] if str(e) else type(e).__name__)
-            )
-            raise UserError(f"cannot download {url} ({reason}); {by_hand}") from None
+            raise UserError(f"cannot download {url} ({_download_failure(e)}); {by_hand}") from None
         _check_file(tmp, url, sha256, md5, size)
         from visiontune.io import atomic_write_json
 
@@ -355,6 +350,20 @@ def download(
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _download_failure(e: BaseException) -> str:
+    """Why a download failed, in a few words. fsspec's HTTP filesystem raises
+    FileNotFoundError for an HTTP error and for a host it cannot reach alike; the aiohttp
+    error it wraps says which (an offline machine is not told the file is missing)."""
+    cause = e.__cause__ or e.__context__
+    status = getattr(cause, "status", None)
+    if isinstance(status, int):
+        return f"HTTP {status}" + (f" {cause.message}" if getattr(cause, "message", "") else "")
+    if cause is not None and isinstance(e, FileNotFoundError):
+        text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        return f"cannot reach the server: {text}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 @contextlib.contextmanager

@@ -228,6 +228,24 @@ def test_an_s3_output_is_refused_not_written_to_a_local_s3_folder(vt, scripts, c
     assert not (tmp_path / "s3:").exists()
 
 
+def test_a_job_name_sagemaker_would_refuse_is_refused_before_the_job(vt, scripts, channel, tmp_path):  # fmt: skip
+    # The name is the default run directory runs/NAME: "../x" put the job outside runs/ and
+    # "a/b" made nested folders, while SageMaker itself refuses both.
+    for name in ("../escaped", "team/job-1", "-lead", "a" * 64):
+        proc = vt("run", scripts / "train.py", "--channel", channel, "--job-name", name,
+                  cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == (
+            f"error: --job-name {name!r}: a training job name is 1 to 63 letters, digits and "
+            "hyphens, starting and ending with a letter or digit (SageMaker's rule)"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no runs/, no escaped/
+    proc = vt("run", scripts / "train.py", "--channel", channel, "--job-name", "job-2-a",
+              cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "runs" / "job-2-a" / "job.json").is_file()
+
+
 def test_a_max_run_or_grace_out_of_range_is_refused_before_the_job(vt, scripts, channel, tmp_path):
     # --max-run 0 used to start the job and stop it at once, using up the run directory.
     for i, (flags, needle) in enumerate(

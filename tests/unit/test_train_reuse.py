@@ -221,3 +221,47 @@ def test_an_output_that_is_a_file_says_so(image_dataset, tmp_path):
     with pytest.raises(UserError, match=r"cannot create the run directory .*notes.txt/run"):
         train(cfg_for(image_dataset, notes / "run"))
     assert notes.read_text() == "mine"
+
+
+def test_an_output_holding_what_a_run_writes_is_refused_and_kept(image_dataset, tmp_path):
+    # A tuning study's folder: its journal, trials and report.html, but no run markers. Before,
+    # `train -o study/` trained there and replaced the study's report with the run's.
+    study = tmp_path / "study"
+    (study / "trials").mkdir(parents=True)
+    (study / "journal.log").write_text("{}\n")
+    (study / "report.html").write_text("<html>the study's report</html>")
+
+    proc = run_cli("train", "--data", str(image_dataset), "--model", "tiny_cnn", "--weights",
+                   "none", "--epochs", "1", "--workers", "0", "-o", str(study))  # fmt: skip
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {study} holds report.html, which a training run would replace (is it a tuning "
+        "study's folder, or another job's?); choose another --output"
+    ]
+    assert (study / "report.html").read_text() == "<html>the study's report</html>"
+    assert sorted(p.name for p in study.iterdir()) == ["journal.log", "report.html", "trials"]
+
+
+def test_a_second_run_into_an_output_another_process_is_training_in_is_refused(
+    image_dataset, tmp_path
+):
+    # Before: the check for an existing run finds one only once config.yaml is written, after
+    # the data, model and feature cache are ready, so a second `train` started meanwhile into
+    # the same --output (runs/latest from two terminals) interleaved its checkpoints with the
+    # first's. The first run is this test process, holding the run as train() does.
+    from visiontune.run import RunDir
+
+    out = tmp_path / "latest"
+    args = ("train", "--data", str(image_dataset), "--model", "tiny_cnn", "--weights", "none",
+            "--epochs", "1", "--workers", "0", "-o", str(out))  # fmt: skip
+    with RunDir.open(str(out)).only_writer():
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"error: another visiontune process is training in {out}; let it finish, or "
+            "choose another --output"
+        ]
+        assert not out.exists()
+    assert run_cli(*args).returncode == 0  # once the first is done, the run starts
+    assert (out / "model" / "model.safetensors").is_file()

@@ -155,6 +155,28 @@ def checked_max_run(value: Any) -> float | None:
     return seconds
 
 
+# SageMaker's TrainingJobName pattern: scripts read the name (TRAINING_JOB_NAME, SM_TRAINING_ENV)
+# and it is the default run directory's last part.
+_JOB_NAME = re.compile(r"[A-Za-z0-9](-*[A-Za-z0-9]){0,62}")
+
+
+def check_job_name(name: str) -> None:
+    """Refuse a job name SageMaker would refuse.
+
+    Beyond SageMaker's rule, the name is the default run directory ``runs/NAME``: a slash made
+    nested folders there, and ``..`` a run directory outside ``runs/``.
+
+    Raises:
+        UserError: not 1-63 letters, digits and hyphens starting and ending with a letter or
+            digit.
+    """
+    if not _JOB_NAME.fullmatch(name):
+        raise UserError(
+            f"--job-name {name!r}: a training job name is 1 to 63 letters, digits and hyphens, "
+            "starting and ending with a letter or digit (SageMaker's rule)"
+        )
+
+
 def check_output(output: str | os.PathLike) -> None:
     """Refuse a URL as a job's run directory: the job writes it on this machine.
 
@@ -344,6 +366,8 @@ def prepare(job: ScriptJob) -> tuple[TrainingEnvironment, list[str], dict[str, A
     python = job.python or sys.executable
     if shutil.which(python) is None and not Path(python).is_file():
         raise UserError(f"--python {python} not found")
+    if job.job_name is not None:
+        check_job_name(job.job_name)
     check_output(job.output)
     checked_max_run(job.max_run)
     if not job.stop_grace >= 0:
