@@ -48,6 +48,22 @@ _PALETTE = [
 ]
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real ``visiontune`` console entry point in a subprocess (where a traceback would
+    show), from the repository root, one thread, the environment (and VISIONTUNE_HOME) kept."""
+    return subprocess.run(
+        [sys.executable, "-m", "visiontune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 def make_image(label: int, index: int, size: int = 64, mode: str = "RGB") -> Image.Image:
     """One learnable image of class ``label`` (colour + stripe orientation) with noise."""
     rng = np.random.default_rng(label * 100_003 + index)

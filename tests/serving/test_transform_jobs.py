@@ -4,28 +4,14 @@ same job (same model, input, TTA and top-k) and anything else is refused, never 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from visiontune.errors import UserError
 from visiontune.transform import OUTPUT_FILE, transform
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "visiontune", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

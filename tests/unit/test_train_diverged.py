@@ -5,21 +5,16 @@ every remaining epoch on NaNs and write a model that no loader accepts."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_TRAIN, write_dataset
+from helpers import TINY_TRAIN, run_cli, write_dataset
 
 from visiontune.callbacks import Callback
 from visiontune.config import TrainConfig, build_config
 from visiontune.models.artifact import load_model_dir
 from visiontune.train import train
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +61,10 @@ def test_a_run_that_diverges_stops_and_exports_its_best_finite_epoch(data, tmp_p
 
 def test_a_run_that_diverges_in_its_first_epoch_is_one_line_and_writes_no_model(data, tmp_path):
     out = tmp_path / "r"
-    proc = subprocess.run(
-        [sys.executable, "-m", "visiontune", "train", "--data", str(data), "--model", "tiny_cnn",
-         "--weights", "none", "--trainable", "all", "--workers", "0", "--batch-size", "8",
-         "--optimizer", "sgd", "--lr", "1e12", "--epochs", "5", "--precision", "fp32",
-         "-o", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = run_cli(
+        "train", "--data", data, "--model", "tiny_cnn", "--weights", "none", "--trainable", "all",
+        "--workers", "0", "--batch-size", "8", "--optimizer", "sgd", "--lr", "1e12",
+        "--epochs", "5", "--precision", "fp32", "-o", out,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

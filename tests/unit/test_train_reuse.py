@@ -11,29 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_TRAIN, write_dataset
+from helpers import TINY_TRAIN, run_cli, write_dataset
 
 from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError
 from visiontune.train import train
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def cfg_for(data: Path, out: Path, **kw) -> TrainConfig:
     values = {**TINY_TRAIN, "data": str(data), "output": str(out), "epochs": 1, **kw}
     return build_config(TrainConfig, None, values)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "visiontune", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
 
 
 @pytest.fixture
