@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,29 @@ def check_page_output(path: str | os.PathLike) -> None:
             f"{path} exists and is not a page visiontune wrote; it is left unchanged: "
             "remove it or choose another output path"
         )
+
+
+@contextlib.contextmanager
+def held_lock(lock: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created if need be) while the block runs.
+
+    The lock file stays (removing it would race with a process opening it); the lock goes with
+    the process, however it ends.
+
+    Raises:
+        UserError: another process holds it; ``busy`` is the message.
+    """
+    import fcntl
+
+    from visiontune.errors import UserError
+
+    Path(lock).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(busy) from None
+        yield
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

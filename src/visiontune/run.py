@@ -97,21 +97,13 @@ class RunDir:
         if not enabled:
             yield
             return
-        import fcntl
-
+        from visiontune.io import held_lock
         from visiontune.uri import visiontune_home
 
         key = self.remote or str(self.path.expanduser().absolute())
         lock = visiontune_home() / "locks" / f"run-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(
-                    f"another visiontune process is training in {self}; let it finish, or "
-                    "choose another --output"
-                ) from None
+        busy = f"another visiontune process is training in {self}; let it finish, or choose another --output"  # fmt: skip
+        with held_lock(lock, busy):
             yield
 
     def for_rank(self, rank: int) -> RunDir:

@@ -360,28 +360,19 @@ def join_output(output_uri: str) -> str:
     return join(output_uri, OUTPUT_FILE)
 
 
-@contextlib.contextmanager
-def _only_writer(local: Path, shown_as: str) -> Iterator[None]:
+def _only_writer(local: Path, shown_as: str):
     """Hold ``local`` for this process: an exclusive lock on a hidden file beside it.
-
-    The lock file stays (removing it would race with a process opening it); the lock goes
-    with the process, however it ends.
 
     Raises:
         UserError: another process holds it.
     """
-    import fcntl
+    from visiontune.io import held_lock
 
-    lock = local.with_name(f".{local.name}.lock")
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another visiontune transform is writing {shown_as}; let it finish (a rerun "
-                "then predicts only what it left) or choose another --output"
-            ) from None
-        yield
+    return held_lock(
+        local.with_name(f".{local.name}.lock"),
+        f"another visiontune transform is writing {shown_as}; let it finish (a rerun then "
+        "predicts only what it left) or choose another --output",
+    )
 
 
 def _pending_images(
