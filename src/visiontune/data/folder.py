@@ -73,19 +73,25 @@ class DatasetIndex:
     file_info: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)
     layout: str = "splits"
 
-    def fingerprint(self, split: str | None = None) -> str:
+    def fingerprint(self, split: str | None = None, *, portable: bool = False) -> str:
         """A stable key of the content (paths, sizes, ETags/mtimes, labels) for caches.
 
         Args:
             split: only this split's files; ``None`` for the whole index.
+            portable: paths under the root and no ETags/mtimes, so a copy of the files
+                elsewhere (``cp``, ``rsync`` without ``-t``) has the same key: what a continued
+                study compares its data by.
         """
         h = hashlib.sha256()
-        h.update(json.dumps([self.root, self.class_ids]).encode())
+        h.update(json.dumps([None if portable else self.root, self.class_ids]).encode())
+        root = self.root.rstrip("/")
         for name in sorted(self.splits):
             if split is not None and name != split:
                 continue
             for path, label in self.splits[name]:
                 size, tag = self.file_info.get(path, (-1, ""))
+                if portable:
+                    path, tag = path.removeprefix(root), ""
                 h.update(f"{name}\0{path}\0{label}\0{size}\0{tag}\n".encode())
         return h.hexdigest()[:32]
 

@@ -185,18 +185,8 @@ def data_key(index) -> dict[str, Any]:
     Modification times are left out, so a copy of the same files (``cp``, ``rsync`` without
     ``-t``) is the same data.
     """
-    import hashlib
-
-    h = hashlib.sha256()
-    root = index.root.rstrip("/")
-    images = 0
-    for name in sorted(index.splits):
-        for path, label in sorted(index.splits[name]):
-            rel = path[len(root) :] if path.startswith(root) else path
-            size = index.file_info.get(path, (-1, ""))[0]
-            h.update(f"{name}\0{rel}\0{label}\0{size}\n".encode())
-            images += 1
-    return {"key": h.hexdigest()[:32], "images": images}
+    images = sum(len(items) for items in index.splits.values())
+    return {"key": index.fingerprint(portable=True), "images": images}
 
 
 def create_study(settings: TuneSettings, fixed, space: SearchSpace):
