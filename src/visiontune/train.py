@@ -35,6 +35,7 @@ metrics as one that never stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -134,6 +135,20 @@ class Data:
 
     def view(self) -> _SplitView:
         return _SplitView(self.index, self.splits)
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint records of the data it was trained on: the classes, and per split
+        the number of images and a digest of which images (by path under the root) with which
+        labels. Contents are not read: a copy of the folder elsewhere is the same data. Once
+        per run: every checkpoint records it."""
+        root = self.index.root.rstrip("/")
+        splits = {}
+        for name, items in sorted(self.splits.items()):
+            rows = [(str(uri).removeprefix(root), int(label)) for uri, label in items]
+            digest = hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+            splits[name] = {"count": len(items), "sha256": digest}
+        return {"classes": list(self.index.class_ids), "splits": splits}
 
 
 @dataclass
@@ -414,19 +429,6 @@ def load_data(cfg: TrainConfig, run: RunDir, resume: bool) -> Data:
     return Data(index, splits, pool_rows)
 
 
-def data_fingerprint(data: Data) -> dict[str, Any]:
-    """What a checkpoint records of the data it was trained on: the classes, and per split the
-    number of images and a digest of which images (by path under the root) with which labels.
-    Contents are not read: a copy of the folder elsewhere is the same data."""
-    root = data.index.root.rstrip("/")
-    splits = {}
-    for name, items in sorted(data.splits.items()):
-        rows = [(str(uri).removeprefix(root), int(label)) for uri, label in items]
-        text = json.dumps(rows, separators=(",", ":"))
-        splits[name] = {"count": len(items), "sha256": hashlib.sha256(text.encode()).hexdigest()}
-    return {"classes": list(data.index.class_ids), "splits": splits}
-
-
 def check_same_data(data: Data, checkpoint: dict[str, Any], run: RunDir) -> None:
     """A resumed run trains on the data it started with.
 
@@ -441,7 +443,7 @@ def check_same_data(data: Data, checkpoint: dict[str, Any], run: RunDir) -> None
     then = checkpoint.get("data")
     if not isinstance(then, dict):
         return
-    now = data_fingerprint(data)
+    now = data.fingerprint
     problem = None
     if then.get("classes") != now["classes"]:
         problem = (
@@ -858,7 +860,7 @@ def save_checkpoint(job: Job) -> None:
             **({"averaged": job.averager.state_dict()} if job.averager else {}),
             "rng": rngs[0],
             **({"rank_rng": rngs} if len(rngs) > 1 else {}),
-            "data": data_fingerprint(job.data),
+            "data": job.data.fingerprint,
             **state.state_dict(),
         }
     )
