@@ -89,7 +89,12 @@ def test_a_worker_stopped_in_a_trial_says_so_in_one_line(tiny_data, tmp_path, vt
 
 
 def test_workers_all_stopped_by_a_signal_stop_the_study_like_ctrl_c():
-    stop = "import os, signal; os.kill(os.getpid(), signal.SIGINT)"
+    # SIG_DFL first: a process started from a background job inherits SIGINT ignored (the
+    # shell's rule for asynchronous commands), and then this kill did nothing and it exited 0.
+    stop = (
+        "import os, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.kill(os.getpid(), signal.SIGINT)"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", stop]) for _ in range(2)]
     # Not "all 2 workers failed": they were stopped, and their trials were queued again.
     with pytest.raises(KeyboardInterrupt):
